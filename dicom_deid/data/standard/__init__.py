@@ -1,0 +1,1 @@
+"""Package data: DICOM standard tables (see README.md). Generated; do not edit."""

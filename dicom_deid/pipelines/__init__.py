@@ -1,0 +1,1 @@
+"""Pipelines: assemble transforms into runnable pipelines (build + run)."""

@@ -1,0 +1,89 @@
+"""Sinks: public manifest (Parquet), private linkage table (Parquet), private dead letters
+(JSON Lines), and the progress side channel for local runs.
+
+All writes use ``num_shards=0`` so records are written by the ParDo that receives them;
+only the temporary file names are grouped at finalisation, never the records.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import apache_beam as beam
+from apache_beam.io.parquetio import WriteToParquet
+
+from .. import manifest
+
+
+class WriteManifest(beam.PTransform):
+    """Outcome rows -> ``{output}/manifest/run-{id}/part-*.parquet``."""
+
+    def __init__(self, run: manifest.RunInfo, progress_dir: str | None = None):
+        super().__init__()
+        self._run, self._progress = run, progress_dir
+
+    def expand(self, outcomes):
+        rows = outcomes | "Rows" >> beam.Map(lambda o: o.row)
+        if self._progress:
+            rows = rows | "Progress" >> beam.ParDo(_ProgressFn(self._progress))
+        return rows | "Parquet" >> WriteToParquet(
+            f"{self._run.manifest_dir()}/part", schema=manifest.SCHEMA, file_name_suffix=".parquet",
+            codec="zstd")
+
+
+class WriteLinkage(beam.PTransform):
+    """Private linkage rows -> ``{private}/linkage/run-{id}/part-*.parquet``."""
+
+    def __init__(self, run: manifest.RunInfo):
+        super().__init__()
+        self._run = run
+
+    def expand(self, rows):
+        return rows | "Parquet" >> WriteToParquet(
+            f"{self._run.private_dir('linkage')}/part", schema=manifest.LINKAGE_SCHEMA,
+            file_name_suffix=".parquet", codec="zstd")
+
+
+class WriteDeadLetters(beam.PTransform):
+    """DeadLetters -> ``{private}/dead_letters/run-{id}/part-*.jsonl`` (class, stage, fixed
+    description and the input URI; never an exception message)."""
+
+    def __init__(self, run: manifest.RunInfo):
+        super().__init__()
+        self._run = run
+
+    def expand(self, dead_letters):
+        return (
+            dead_letters
+            | "ToJson" >> beam.Map(lambda d: json.dumps(d.to_json(), sort_keys=True))
+            | "Jsonl" >> beam.io.WriteToText(f"{self._run.private_dir('dead_letters')}/part",
+                                             file_name_suffix=".jsonl")
+        )
+
+
+class _ProgressFn(beam.DoFn):
+    """Appends one byte per finished input to a per-process file; the launcher sums the
+    sizes. A side channel because the local runner reports metrics only at the end."""
+
+    def __init__(self, progress_dir: str):
+        self._dir = progress_dir
+
+    def setup(self):
+        self._f = None
+        try:
+            self._f = open(os.path.join(self._dir, f"{os.getpid()}.count"), "ab", buffering=0)
+        except OSError:
+            self._f = None
+
+    def process(self, row):
+        if self._f is not None:
+            try:
+                self._f.write(b".")
+            except OSError:
+                pass
+        yield row
+
+    def teardown(self):
+        if self._f is not None:
+            self._f.close()

@@ -1,0 +1,51 @@
+"""``DeidentifyTags``: header de-identification per policy, with the pseudonym map as a
+side input served per key (``AsMultiMap``: portable runners fetch one key at a time)."""
+
+from __future__ import annotations
+
+import apache_beam as beam
+
+from .. import keys, tags
+from ..policy import Policy
+from .common import object_pardo, DEAD_LETTER, MAIN, OUTCOME, ObjectStageFn, counter
+
+
+class DeidentifyTags(beam.PTransform):
+    """De-identifies header attributes per a Policy. Outputs: main, outcome, dead_letter.
+
+    ``pseudonyms`` is a PCollection of ``(patient_key_hmac, entry)`` where entry is a dict
+    with ``pseudonym`` and ``date_offset_days``; patients without an entry get the keyed
+    derivation. Keys are HMACs: no plaintext identifier is ever broadcast.
+    """
+
+    def __init__(self, run, policy: Policy, key_ref: keys.KeyRef, pseudonyms):
+        super().__init__()
+        self._run, self._policy, self._key_ref, self._pseudonyms = run, policy, key_ref, pseudonyms
+
+    def expand(self, objects):
+        return objects | "ApplyTagRules" >> object_pardo(
+            _DeidentifyTagsFn(self._run, self._policy, self._key_ref),
+            pseudonyms=beam.pvalue.AsMultiMap(self._pseudonyms),
+        ).with_outputs(OUTCOME, DEAD_LETTER, main=MAIN)
+
+
+class _DeidentifyTagsFn(ObjectStageFn):
+    stage = "tags"
+    module = "tags"
+
+    def __init__(self, run, policy, key_ref):
+        super().__init__(run)
+        self._policy, self._key_ref = policy, key_ref
+
+    def setup(self):
+        self._rules = tags.compile_rules(self._policy, keys.resolve(self._key_ref))
+        self._done = counter("tags", "objects_deidentified")
+
+    def handle(self, obj, pseudonyms):
+        obj.patient_key = tags.patient_key_of(obj.dataset, self._rules.deriver)
+        # a lookup returns an iterable of the key's values (a list in-process, a state-backed
+        # iterable on portable runners): take the first, never index it
+        entry = next(iter(pseudonyms[obj.patient_key]), None)
+        tags.deidentify(obj, self._rules, entry)
+        self._done.inc()
+        yield obj

@@ -1,0 +1,207 @@
+"""``WriteDicom``: stage, decide duplicates, commit. Nothing is overwritten silently.
+
+1. ``Stage`` (fused with the content stages) writes each verified object's bytes to
+   ``{output}/.staging/run-{id}/{input_key}.dcm`` and emits a small record keyed by the new
+   SOP Instance UID (a keyed UID: no PHI), plus the private linkage row.
+2. ``GroupByKey`` on the new SOP UID brings together every input that would land on one
+   output path (only those small records cross the shuffle).
+3. ``Commit`` orders each group by input key: the first one is published (local: rename;
+   object stores: server-side copy of the staged object, which appears atomically, then
+   delete); a later input with the same content fingerprint is ``duplicate``; one with other
+   content is ``quarantined`` (``sop_uid_conflict``). An output already present from an
+   earlier run with identical bytes is left as it is (``ok``); with other bytes the new one
+   is ``quarantined`` (``sop_uid_conflict``), never overwritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+
+from .. import manifest, writer
+from ..element import DUPLICATE, OK, QUARANTINED, Outcome
+from .common import DEAD_LETTER, MAIN, OUTCOME, TRANSIENT, ObjectStageFn, counter, fail
+
+LINKAGE = "linkage"
+SOP_UID_CONFLICT = "sop_uid_conflict"
+
+
+def _is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def _local(uri: str) -> str:
+    return uri[7:] if uri.startswith("file://") else uri
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole object: local temp name + rename; object stores: one upload."""
+    if _is_local(uri):
+        path = _local(uri)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return
+    with FileSystems.create(uri, mime_type="application/dicom") as f:
+        f.write(data)
+
+
+def read_sha256(uri: str):
+    """sha256 of an existing object, or None when absent."""
+    if _is_local(uri):
+        try:
+            with open(_local(uri), "rb") as f:
+                return hashlib.file_digest(f, "sha256").hexdigest()
+        except FileNotFoundError:
+            return None
+    if not FileSystems.exists(uri):
+        return None
+    h = hashlib.sha256()
+    with FileSystems.open(uri, compression_type="uncompressed") as f:
+        for chunk in iter(lambda: f.read(8 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def publish(staged: str, final: str) -> None:
+    if _is_local(staged) and _is_local(final):
+        dst = _local(final)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        os.replace(_local(staged), dst)
+        return
+    FileSystems.copy([staged], [final])
+    FileSystems.delete([staged])
+
+
+def discard(staged: str) -> None:
+    try:
+        if _is_local(staged):
+            os.unlink(_local(staged))
+        else:
+            FileSystems.delete([staged])
+    except (FileNotFoundError, OSError):
+        pass
+
+
+class WriteDicom(beam.PTransform):
+    """Verified DicomObjects -> published objects. Outputs: outcome, dead_letter, linkage."""
+
+    def __init__(self, run: manifest.RunInfo):
+        super().__init__()
+        self._run = run
+
+    def expand(self, objects):
+        staged = objects | "Stage" >> beam.ParDo(_StageFn(self._run)).with_outputs(
+            OUTCOME, DEAD_LETTER, LINKAGE, main=MAIN)
+        committed = (
+            staged[MAIN]
+            | "BySopUid" >> beam.GroupByKey()
+            | "Commit" >> beam.ParDo(_CommitFn(self._run))
+        )
+        outcomes = (staged[OUTCOME], committed) | "Outcomes" >> beam.Flatten()
+        return {OUTCOME: outcomes, DEAD_LETTER: staged[DEAD_LETTER], LINKAGE: staged[LINKAGE]}
+
+
+class _StageFn(ObjectStageFn):
+    stage = "write"
+    module = "write"
+
+    def setup(self):
+        self._staged = counter("write", "objects_staged")
+
+    def handle(self, obj):
+        f = obj.facts
+        rel = writer.relative_path(f.get("pseudo_patient_id"), f.get("study_uid"),
+                                   f.get("series_uid"), f.get("sop_uid"))
+        data = obj.output_bytes
+        staged = f"{self._run.staging_dir()}/{obj.ref.input_key}.dcm"
+        final = f"{self._run.output.rstrip('/')}/{rel}"
+        write_bytes(staged, data)
+        self._staged.inc()
+        cols = {k: v for k, v in f.items() if k in manifest.COLUMNS}
+        cols.update(content_fingerprint=obj.fingerprint, output_path=final, output_size=len(data),
+                    output_sha256=writer.sha256(data))
+        record = {"input_key": obj.ref.input_key, "staged": staged, "row": cols}
+        p = obj.private
+        link = manifest.linkage_row(
+            self._run.run_id, input_key=obj.ref.input_key, input_uri=obj.ref.uri,
+            patient_key_hmac=p.get("patient_key_hmac"), original_patient_id=p.get("original_patient_id"),
+            pseudo_patient_id=p.get("pseudo_patient_id"),
+            original_study_uid=p.get("original_study_uid"), study_uid=f.get("study_uid"),
+            original_series_uid=p.get("original_series_uid"), series_uid=f.get("series_uid"),
+            original_sop_uid=p.get("original_sop_uid"), sop_uid=f.get("sop_uid"),
+            original_frame_of_reference_uid=p.get("original_frame_of_reference_uid"),
+            frame_of_reference_uid=p.get("frame_of_reference_uid"), output_path=final)
+        sop = f.get("sop_uid")
+        obj.release()
+        yield beam.pvalue.TaggedOutput(LINKAGE, link)
+        yield (sop, record)
+
+
+class _CommitFn(beam.DoFn):
+    def __init__(self, run):
+        self._run = run
+
+    def setup(self):
+        self._ok = counter("write", "objects_written")
+        self._dup = counter("write", "duplicates")
+        self._conflict = counter("write", "sop_uid_conflicts")
+
+    def process(self, element):
+        _sop, records = element
+        records = sorted(records, key=lambda r: r["input_key"])
+        winner = records[0]
+        final = winner["row"]["output_path"]
+        try:
+            existing = read_sha256(final)
+        except TRANSIENT:
+            raise
+        for i, rec in enumerate(records):
+            row = dict(rec["row"])
+            try:
+                if i == 0:
+                    if existing is None:
+                        publish(rec["staged"], final)
+                        status, extra = OK, {}
+                    elif existing == row["output_sha256"]:
+                        discard(rec["staged"])  # identical bytes already published
+                        status, extra = OK, {}
+                    else:
+                        discard(rec["staged"])
+                        status, extra = QUARANTINED, {"stage": "write", "reason": SOP_UID_CONFLICT}
+                elif rec["row"]["content_fingerprint"] == winner["row"]["content_fingerprint"]:
+                    discard(rec["staged"])
+                    status, extra = DUPLICATE, {"stage": "write", "reason": "identical_input"}
+                else:
+                    discard(rec["staged"])
+                    status, extra = QUARANTINED, {"stage": "write", "reason": SOP_UID_CONFLICT}
+            except TRANSIENT:
+                raise
+            except Exception as exc:
+                for out in fail(self._run, _Ref(rec["input_key"]), "write", exc, module="write"):
+                    if out.tag == OUTCOME:
+                        yield out.value
+                continue
+            if status != OK:
+                row["output_path"] = None
+            {OK: self._ok, DUPLICATE: self._dup}.get(status, self._conflict).inc()
+            row.update(extra)
+            yield Outcome(manifest.row(self._run, rec["input_key"], status,
+                                       **{k: v for k, v in row.items() if k not in _ROW_FIXED}), {})
+
+
+_ROW_FIXED = {"schema_version", "run_id", "timestamp", "input_key", "status", "policy_name",
+              "policy_version", "pipeline_version"}
+
+
+class _Ref:
+    """Minimal input reference for failures after the shuffle (no URI crosses it)."""
+
+    def __init__(self, input_key):
+        self.input_key = input_key
+        self.uri = ""
