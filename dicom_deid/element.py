@@ -44,9 +44,9 @@ class PhiContext:
     never logged (its repr shows counts only) and is never written anywhere.
     """
 
-    __slots__ = ("names", "ids", "dates", "texts")
+    __slots__ = ("names", "ids", "dates", "texts", "orgs")
 
-    def __init__(self, names=(), ids=(), dates=(), texts=()):
+    def __init__(self, names=(), ids=(), dates=(), texts=(), orgs=()):
         #: each name as a tuple of its components (family, given, middle, prefix, suffix)
         self.names: tuple[tuple[str, ...], ...] = tuple(names)
         #: identifiers: patient IDs, other IDs, NHS numbers, accession numbers
@@ -55,16 +55,19 @@ class PhiContext:
         self.dates: tuple[str, ...] = tuple(dates)
         #: other identifying strings: addresses, phones, institutions, stations
         self.texts: tuple[str, ...] = tuple(texts)
+        #: institution, department and station names (for pixel/document stages; not
+        #: matched by header verification, where they collide with device names)
+        self.orgs: tuple[str, ...] = tuple(orgs)
 
     def __reduce__(self):
         raise TypeError("PhiContext must never be serialized")
 
     def __repr__(self) -> str:
         return (f"PhiContext(names={len(self.names)}, ids={len(self.ids)}, "
-                f"dates={len(self.dates)}, texts={len(self.texts)})")
+                f"dates={len(self.dates)}, texts={len(self.texts)}, orgs={len(self.orgs)})")
 
     def is_empty(self) -> bool:
-        return not (self.names or self.ids or self.dates or self.texts)
+        return not (self.names or self.ids or self.dates or self.texts or self.orgs)
 
 
 class DicomObject:

@@ -41,6 +41,10 @@ class TruncatedInput(DeidError):
     description = "input ends before its declared content"
 
 
+class CorruptElement(DeidError):
+    description = "an element's declared length runs past the end of the data"
+
+
 class UnsupportedObject(DeidError):
     description = "object kind is not supported by this pipeline"
 

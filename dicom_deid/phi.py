@@ -19,12 +19,13 @@ ID_KEYWORDS = (
     "MedicalRecordLocator", "PatientInsurancePlanCodeSequence", "StudyID",
     "AdmissionID", "ServiceEpisodeID", "RequestedProcedureID", "FillerOrderNumberImagingServiceRequest",
     "PlacerOrderNumberImagingServiceRequest", "PerformedProcedureStepID", "ScheduledProcedureStepID",
-    "MilitaryRank", "PatientTelephoneNumbers", "DeviceSerialNumber",
+    "MilitaryRank", "PatientTelephoneNumbers",
 )
 DATE_KEYWORDS = ("PatientBirthDate",)
+ORG_KEYWORDS = ("InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName",
+                "StationName", "DeviceSerialNumber")
 TEXT_KEYWORDS = (
-    "PatientAddress", "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName",
-    "StationName", "PatientMotherBirthName", "PatientBirthName", "RegionOfResidence",
+    "PatientAddress", "PatientMotherBirthName", "PatientBirthName", "RegionOfResidence",
     "CountryOfResidence", "BranchOfService", "PatientTelephoneNumbers", "ReferringPhysicianAddress",
     "ReferringPhysicianTelephoneNumbers", "PersonAddress", "PersonTelephoneNumbers",
 )
@@ -66,12 +67,13 @@ def _name_components(pn_text: str) -> list[tuple[str, ...]]:
 def extract(ds: Dataset) -> PhiContext:
     global _ID_TAGS
     if _ID_TAGS is None:
-        _ID_TAGS = (_tags(ID_KEYWORDS), _tags(DATE_KEYWORDS), _tags(TEXT_KEYWORDS))
-    id_tags, date_tags, text_tags = _ID_TAGS
+        _ID_TAGS = (_tags(ID_KEYWORDS), _tags(DATE_KEYWORDS), _tags(TEXT_KEYWORDS), _tags(ORG_KEYWORDS))
+    id_tags, date_tags, text_tags, org_tags = _ID_TAGS
     names: list[tuple[str, ...]] = []
     ids: list[str] = []
     dates: list[str] = []
     texts: list[str] = []
+    orgs: list[str] = []
 
     def walk(d: Dataset):
         for _path, elem in iter_elements(d):
@@ -92,8 +94,10 @@ def extract(ds: Dataset) -> PhiContext:
                 dates.extend(_values(value))
             elif tag in text_tags:
                 texts.extend(_values(value))
+            elif tag in org_tags:
+                orgs.extend(_values(value))
 
     walk(ds)
     # OtherPatientIDsSequence items carry PatientID and are reached by iterall
     dedup = lambda xs: tuple(dict.fromkeys(xs))  # noqa: E731
-    return PhiContext(names=dedup(names), ids=dedup(ids), dates=dedup(dates), texts=dedup(texts))
+    return PhiContext(names=dedup(names), ids=dedup(ids), dates=dedup(dates), texts=dedup(texts), orgs=dedup(orgs))

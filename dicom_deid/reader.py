@@ -18,7 +18,7 @@ from pydicom.errors import InvalidDicomError
 from . import phi
 from .element import DicomObject, InputRef
 from .dsutil import iter_elements
-from .errors import EmptyInput, NotDicom, TruncatedInput, UnsupportedObject
+from .errors import CorruptElement, EmptyInput, NotDicom, TruncatedInput, UnsupportedObject
 from .keys import Deriver
 from .safety import configure_pydicom, quiet
 
@@ -80,6 +80,7 @@ def parse(ref: InputRef, deriver: Deriver, data: Optional[bytes] = None,
             raise TruncatedInput() from None
         if len(ds) == 0:
             raise NotDicom()
+        _check_lengths(ds, size)
         # Materialise every non-deferred value now so corrupt structure fails here,
         # in the read stage, and not halfway through the tag transform.
         _touch(ds)
@@ -99,6 +100,26 @@ def parse(ref: InputRef, deriver: Deriver, data: Optional[bytes] = None,
     if sop_class == DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
         obj.facts["reason"] = "dicomdir"
     return obj
+
+
+def _check_lengths(ds, size: int) -> None:
+    """pydicom reads short values without complaint; a value shorter than its declared
+    length means the data ended early: truncated (bulk data at the end) or corrupt."""
+    from pydicom.dataelem import RawDataElement
+
+    from .dsutil import BULK_TAGS
+    for tag in list(ds.keys()):
+        raw = ds.get_item(tag, keep_deferred=True)
+        if not isinstance(raw, RawDataElement) or raw.length in (None, 0xFFFFFFFF):
+            continue
+        if isinstance(raw.value, (bytes, bytearray)):
+            short = len(raw.value) < raw.length
+        else:  # deferred: compare with the file size
+            short = raw.value_tell is not None and raw.value_tell + raw.length > size
+        if short:
+            if int(tag) in BULK_TAGS:
+                raise TruncatedInput()
+            raise CorruptElement()
 
 
 def _touch(ds) -> None:

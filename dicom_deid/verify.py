@@ -25,7 +25,7 @@ MIN_NUMERIC_ID = 6
 # them would only produce false findings.
 STOP_TOKENS = frozenset({
     "ANONYMIZED", "ANONYMOUS", "ANON", "PATIENT", "UNKNOWN", "NONE", "TEST", "PHANTOM",
-    "NAME", "ANONYMISED", "REMOVED", "DEIDENTIFIED", "NULL",
+    "NAME", "ANONYMISED", "REMOVED", "DEIDENTIFIED", "NULL", "DICOM", "DEID",
 })
 RESIDUAL_PHI = "residual_phi"
 ORIGINAL_UID = "original_uid"
@@ -60,9 +60,13 @@ def _pattern(values: Iterable[str]):
     return re.compile(r"(?<![A-Z0-9])(?:" + "|".join(re.escape(v) for v in vals) + r")(?![A-Z0-9])")
 
 
+#: the conformance markers we write ourselves (their text is ours, not the object's)
+OWN_MARKERS = frozenset({0x00120062, 0x00120063, 0x00120064})
+
+
 def _text_values(ds: Dataset):
     for path, elem in iter_elements(ds):
-        if elem.VR == "SQ":
+        if elem.VR == "SQ" or int(elem.tag) in OWN_MARKERS or any(t in OWN_MARKERS for t in path):
             continue
         v = elem.value
         if v is None:

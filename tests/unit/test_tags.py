@@ -1,0 +1,183 @@
+"""Header de-identification on datasets with planted identifiers (no Beam)."""
+
+import io
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian
+
+from dicom_deid import keys, policy, reader, sample, standard, tags, verify, writer
+from dicom_deid.element import InputRef
+
+KEY = b"\x07" * 32
+CT = "1.2.840.10008.5.1.4.1.1.2"
+NAME = "QUIMBLEY^ZARAPHINE"
+
+
+def parse(data: bytes, uri="mem://x"):
+    d = keys.Deriver(KEY)
+    return reader.parse(InputRef(uri, d.input_key(uri)), d, data=data)
+
+
+def to_bytes(ds) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def ct_dataset() -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = CT
+    ds.SOPInstanceUID = "1.2.826.0.1.3680043.9.7.1.1"
+    ds.StudyInstanceUID = "1.2.826.0.1.3680043.9.7.1"
+    ds.SeriesInstanceUID = "1.2.826.0.1.3680043.9.7.1.2"
+    ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.9.7.1.3"
+    ds.Modality = "CT"
+    ds.PatientName = NAME
+    ds.PatientID = "RX99812"
+    ds.PatientBirthDate = "19610412"
+    ds.StudyDate = "20240301"
+    ds.SeriesDate = "20240301"
+    ds.ContentDate = "20240302"
+    ds.StudyTime = "101500"
+    ds.AccessionNumber = "ACC77120"
+    ds.ReferringPhysicianName = "DRAVENFELL^OSWIN"
+    ds.InstitutionName = "ST BARNABY INFIRMARY"
+    ds.PatientAddress = "12 WOLLOWAY CLOSE"
+    ds.StudyDescription = "CT CHEST QUIMBLEY"
+    ds.ImageComments = "seen by DRAVENFELL"
+    ds.Manufacturer = "ACME"
+    ds.SliceThickness = "1.25"
+    ds.PatientSex = "F"
+    ds.PatientAge = "062Y"
+    # references to other objects, three levels deep, with the patient name hidden inside
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = CT
+    ref.ReferencedSOPInstanceUID = "1.2.826.0.1.3680043.9.7.1.1"
+    inner = Dataset()
+    inner.PersonName = NAME
+    inner.TextValue = "QUIMBLEY"
+    ref.ContentSequence = Sequence([inner])
+    ds.ReferencedImageSequence = Sequence([ref])
+    req = Dataset()
+    req.AccessionNumber = "ACC77120"
+    req.RequestedProcedureDescription = "for QUIMBLEY"
+    req.ReferencedStudySequence = Sequence([Dataset()])
+    req.ReferencedStudySequence[0].ReferencedSOPInstanceUID = "1.2.826.0.1.3680043.9.7.1"
+    ds.RequestAttributesSequence = Sequence([req])
+    # a private block relocated to 0x0019 block 0x40, and another creator's block
+    ds.add_new(0x00190040, "LO", "DEIDTEST PRIVATE")
+    ds.add_new(0x00194001, "LO", NAME)
+    ds.add_new(0x60003000, "OW", b"\x00\x01" * 8)  # overlay data
+    ds.add_new(0x60004000, "LT", "overlay for QUIMBLEY")
+    return ds
+
+
+def deid(ds_bytes: bytes, pol="basic"):
+    obj = parse(ds_bytes)
+    rules = tags.compile_rules(policy.load(pol), KEY)
+    tags.deidentify(obj, rules)
+    out = writer.serialize(obj.dataset)
+    return obj, out
+
+
+@pytest.mark.parametrize("pol", ["basic", "research"])
+def test_no_planted_value_survives(pol):
+    obj, out = deid(to_bytes(ct_dataset()), pol)
+    up = out.upper()
+    for v in ("QUIMBLEY", "ZARAPHINE", "RX99812", "19610412", "ACC77120", "DRAVENFELL",
+              "BARNABY", "WOLLOWAY", "1.2.826.0.1.3680043.9.7.1"):
+        assert v.encode() not in up, v
+    assert verify.find_residuals(obj, out) == []
+
+
+def test_type2_emptied_type3_removed_per_iod():
+    obj, out = deid(to_bytes(ct_dataset()))
+    ds = pydicom.dcmread(io.BytesIO(out))
+    assert standard.attribute_type(CT, (0x00080020,)) == "2"
+    assert "StudyDate" in ds and ds.StudyDate == ""          # X/Z on a type 2 attribute -> Z
+    assert "AccessionNumber" in ds and ds.AccessionNumber == ""
+    assert "ReferringPhysicianName" in ds and ds.ReferringPhysicianName == ""
+    assert "InstitutionName" not in ds and "PatientAddress" not in ds
+    assert "StudyDescription" not in ds and "ImageComments" not in ds
+    assert "PatientBirthDate" in ds and ds.PatientBirthDate == ""
+    assert ds.Manufacturer == "ACME" and ds.SliceThickness == 1.25      # kept
+    assert not any(int(t) >> 16 & 1 for t in ds.keys())               # no private group left
+    assert 0x60003000 not in ds and 0x60004000 not in ds               # overlay data/comments
+
+
+def test_uids_remapped_consistently_everywhere():
+    obj, out = deid(to_bytes(ct_dataset()))
+    ds = pydicom.dcmread(io.BytesIO(out))
+    d = keys.Deriver(KEY)
+    assert ds.SOPInstanceUID == d.uid("1.2.826.0.1.3680043.9.7.1.1")
+    assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    assert ds.SOPClassUID == CT and ds.file_meta.MediaStorageSOPClassUID == CT
+    # Referenced Image Sequence is X/Z/U*: type 3 in CT, so it is removed altogether;
+    # the request's referenced study keeps its reference, remapped like the study itself
+    assert "ReferencedImageSequence" not in ds
+    if "RequestAttributesSequence" in ds:
+        for item in ds.RequestAttributesSequence:
+            for ref in item.get("ReferencedStudySequence", []):
+                assert ref.ReferencedSOPInstanceUID == ds.StudyInstanceUID
+
+
+def test_pseudonym_and_markers():
+    obj, out = deid(to_bytes(ct_dataset()))
+    ds = pydicom.dcmread(io.BytesIO(out))
+    assert ds.PatientID == obj.facts["pseudo_patient_id"] == str(ds.PatientName)
+    assert ds.PatientIdentityRemoved == "YES"
+    assert [c.CodeValue for c in ds.DeidentificationMethodCodeSequence] == ["113100"]
+    assert ds.LongitudinalTemporalInformationModified == "REMOVED"
+    # the same patient in another object gets the same pseudonym
+    obj2, _ = deid(to_bytes(ct_dataset()))
+    assert obj2.facts["pseudo_patient_id"] == obj.facts["pseudo_patient_id"]
+
+
+def test_research_shifts_dates_keeping_intervals_and_keeps_characteristics():
+    obj, out = deid(to_bytes(ct_dataset()), "research")
+    ds = pydicom.dcmread(io.BytesIO(out))
+    import datetime as dt
+    study = dt.datetime.strptime(ds.StudyDate, "%Y%m%d")
+    content = dt.datetime.strptime(ds.ContentDate, "%Y%m%d")
+    assert ds.StudyDate != "20240301" and (content - study).days == 1
+    assert ds.LongitudinalTemporalInformationModified == "MODIFIED"
+    assert ds.PatientSex == "F"
+    codes = [c.CodeValue for c in ds.DeidentificationMethodCodeSequence]
+    assert "113107" in codes and "113108" in codes
+    # options this version cannot apply are not claimed
+    assert "113105" not in codes and "113101" not in codes
+    assert "clean_descriptors" in obj.facts["options_not_applied"]
+
+
+def test_safe_private_kept_through_relocated_block():
+    creator, group, elem_byte = sorted(standard.safe_private_elements())[0]
+    ds = ct_dataset()
+    block = 0x70  # not the block the vendor normally uses
+    ds.add_new((group << 16) | block, "LO", creator.upper())
+    ds.add_new((group << 16) | (block << 8) | elem_byte, "UN", b"1234")
+    ds.add_new((group << 16) | (block << 8) | ((elem_byte + 1) & 0xFF), "LO", NAME)
+    unsafe = (group, (elem_byte + 1) & 0xFF)
+    obj, out = deid(to_bytes(ds), "research")
+    res = pydicom.dcmread(io.BytesIO(out))
+    assert (group << 16) | (block << 8) | elem_byte in res
+    assert ((creator, *unsafe) in standard.safe_private_elements()) or \
+        ((group << 16) | (block << 8) | unsafe[1]) not in res
+    assert b"QUIMBLEY" not in out.upper()
+    basic_obj, basic_out = deid(to_bytes(ds), "basic")
+    assert not any(int(t) >> 16 & 1 for t in pydicom.dcmread(io.BytesIO(basic_out)).keys())
+
+
+def test_canary_on_generated_sample(tmp_path):
+    s = sample.generate(tmp_path / "s", n_files=6, n_patients=2, seed=3)
+    planted = {v.upper().encode() for v in s.planted_values()}
+    for pol in ("basic", "research"):
+        for f in s.files:
+            obj, out = deid(f.read_bytes(), pol)
+            up = out.upper()
+            leaked = [v for v in planted if v in up]
+            assert not leaked, (pol, f.name, len(leaked))
