@@ -184,9 +184,13 @@ def _fresh(kind: str) -> Dataset:
 
 
 @functools.lru_cache(maxsize=1)
-def _grid() -> tuple[np.ndarray, np.ndarray]:
+def _grid() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Normalised x (1, 512), y (512, 1) and the constant spine / outside-FOV masks."""
     c = (np.arange(512, dtype=np.float32) - 255.5) / 256.0
-    return c[None, :], c[:, None]  # x (1, 512), y (512, 1)
+    x, y = c[None, :], c[:, None]
+    spine = x**2 + (y - 0.38) ** 2 <= 0.085**2
+    outside_fov = x**2 + y**2 > 1.0
+    return x, y, spine, outside_fov
 
 
 def _ct512_pixels(seed: int, index: int, z: float) -> bytes:
@@ -195,20 +199,18 @@ def _ct512_pixels(seed: int, index: int, z: float) -> bytes:
     Stored values are HU + 1024 (RescaleIntercept -1024); outside the reconstruction
     circle the PixelPaddingValue -2000 is used. ``z`` in [0, 1] shapes the anatomy.
     """
-    x, y = _grid()
+    x, y, spine, outside_fov = _grid()
     rng = np.random.default_rng([seed, index, 512])
     img = np.zeros((512, 512), dtype=np.int16)  # air
     body_a, body_b = 0.78 - 0.08 * z, 0.56 - 0.05 * z
-    body = (x / body_a) ** 2 + ((y + 0.05) / body_b) ** 2 <= 1.0
-    img[body] = 1024 + 40
-    lung_s = 0.35 + 0.65 * np.sin(np.pi * min(max(z, 0.0), 1.0))
-    for cx in (-0.33, 0.33):
-        lung = ((x - cx) / (0.22 * lung_s + 0.01)) ** 2 + ((y + 0.02) / (0.33 * lung_s + 0.01)) ** 2 <= 1
-        img[lung] = 1024 - 850
-    spine = x**2 + (y - 0.38) ** 2 <= 0.085**2
-    img[spine] = 1024 + 700
+    img[(x / body_a) ** 2 + ((y + 0.05) / body_b) ** 2 <= 1.0] = 1024 + 40  # soft tissue
+    s = 0.35 + 0.65 * np.sin(np.pi * min(max(z, 0.0), 1.0))  # lungs grow then shrink
+    for cx in (-0.3, 0.3):
+        lung = ((x - cx) / (0.17 * s + 0.01)) ** 2 + ((y + 0.04) / (0.27 * s + 0.01)) ** 2
+        img[lung <= 1.0] = 1024 - 850
+    img[spine] = 1024 + 700  # bone
     img += rng.integers(-18, 19, size=(512, 512), dtype=np.int16)
-    img[x**2 + y**2 > 1.0] = -2000
+    img[outside_fov] = -2000
     return img.astype("<i2", copy=False).tobytes()
 
 
@@ -615,9 +617,12 @@ def generate(out_dir: Path, n_files: int = 24, n_patients: int = 4, seed: int = 
              ct512_share: float = 0.0) -> SampleSet:
     """Write ``n_files`` synthetic DICOM files for ``n_patients`` invented patients.
 
-    Files go to ``out_dir/p{patient:03d}/{index:05d}.dcm`` (``index`` is global,
-    0-based). ``round(ct512_share * n_files)`` of them are 512x512 int16 CT slices.
-    Same arguments -> same bytes.
+    Files go to ``out_dir/p{patient:03d}/{index:05d}.dcm`` (``index`` is global and
+    0-based; existing files of the same name are overwritten, others are left alone).
+    Every patient gets >= 1 file, 1-2 studies and 1-2 series per study (fewer when
+    there are not enough files). Each series is one kind (see :data:`KINDS`);
+    ``round(ct512_share * n_files)`` files (Python rounding, half to even) are
+    512x512 int16 CT slices. Same arguments -> same bytes.
     """
     if n_files < 0 or n_patients < 1:
         raise ValueError("need n_files >= 0 and n_patients >= 1")

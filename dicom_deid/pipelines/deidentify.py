@@ -23,7 +23,8 @@ from typing import Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions, SdkHarnessOptions,
+                                                  StandardOptions)
 
 from .. import summary as summary_mod
 from ..options import RunConfig
@@ -51,6 +52,8 @@ def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
     if std.runner in (LOCAL_RUNNER, "FnApiRunner"):
         if "--direct_num_workers" not in " ".join(beam_args):
             direct.direct_num_workers = os.cpu_count() or 1
+        if "default_sdk_harness_log_level" not in " ".join(beam_args):
+            opts.view_as(SdkHarnessOptions).default_sdk_harness_log_level = "WARNING"
         if direct.direct_running_mode in (None, "in_memory") and "--direct_running_mode" not in " ".join(beam_args):
             direct.direct_running_mode = "multi_processing"
     return opts
@@ -142,7 +145,7 @@ class Progress:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join(timeout=5)
-        print(self.line(), file=self.stream, flush=True)
+        print(self.line() + " (done)", file=self.stream, flush=True)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

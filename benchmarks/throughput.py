@@ -1,0 +1,492 @@
+#!/usr/bin/env python
+"""End-to-end throughput and memory of ``dicom-deid run`` against a bare pydicom loop.
+
+One invocation measures, each run in its own subprocess (so start-up and peak memory
+are per run), with the runs interleaved to spread machine drift across them:
+
+    baseline   a bare pydicom loop: dcmread + save_as every file, one process
+    p1         dicom-deid run, 1 worker (basic policy), N files
+    p2         dicom-deid run, 2 workers, N files
+    p1_tiny    dicom-deid run, 1 worker, 10 files   (fixed start-up cost of p1)
+    p2_tiny    dicom-deid run, 2 workers, 10 files  (fixed start-up cost of p2)
+    p1_500     dicom-deid run, 1 worker, 500 files  (memory flatness vs p1)
+
+The corpus (``dicom_deid.sample.generate``: N files, 60 % 512x512 CT slices, 100
+patients) is generated once and cached under ``benchmarks/_work/``; the smaller inputs are
+hard-linked subsets that take every k-th file, so their mix of kinds matches the corpus.
+
+Peak memory is measured for the whole process tree (the pipeline launches SDK worker
+subprocesses): a sampler thread walks ``/proc`` every 0.2 s, finds every descendant of the
+run's process and sums their RSS (and PSS from ``/proc/PID/smaps_rollup``, which splits
+shared pages fairly). The largest single process (``ru_maxrss`` from ``os.wait4`` of the
+run) is recorded as a cross-check.
+
+Usage::
+
+    /work/venv/bin/python benchmarks/throughput.py [--files 2000] [--repeats 1]
+        [--out benchmarks/results/throughput.json]
+
+Timings on a shared machine are noisy: compare runs of one invocation (ratios), never
+timings across invocations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+WORK = HERE / "_work"
+RESULTS = HERE / "results"
+PAGE = os.sysconf("SC_PAGE_SIZE")
+TINY = 10
+MID = 500
+
+# --------------------------------------------------------------------------------------
+# Process-tree memory sampling (/proc; no psutil needed)
+# --------------------------------------------------------------------------------------
+
+
+def _ppid_map() -> dict[int, int]:
+    out = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ..." - comm may contain spaces and parentheses
+        rest = stat[stat.rfind(b")") + 2:].split()
+        out[int(name)] = int(rest[1])
+    return out
+
+
+def tree_pids(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for pid, ppid in _ppid_map().items():
+        children.setdefault(ppid, []).append(pid)
+    todo, seen = [root], []
+    while todo:
+        pid = todo.pop()
+        seen.append(pid)
+        todo.extend(children.get(pid, ()))
+    return seen
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _pss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, IndexError, ValueError):
+        pass
+    return 0
+
+
+class TreeSampler(threading.Thread):
+    """Samples the summed RSS/PSS of a process and all its descendants."""
+
+    def __init__(self, root: int, interval: float = 0.2):
+        super().__init__(daemon=True)
+        self.root, self.interval = root, interval
+        self.peak_rss = self.peak_pss = 0
+        self.max_procs = 0
+        self.samples = 0
+        self._halt = threading.Event()
+
+    def sample(self) -> None:
+        pids = tree_pids(self.root)
+        rss = sum(_rss_bytes(p) for p in pids)
+        pss = sum(_pss_bytes(p) for p in pids)
+        self.peak_rss = max(self.peak_rss, rss)
+        self.peak_pss = max(self.peak_pss, pss)
+        self.max_procs = max(self.max_procs, len(pids))
+        self.samples += 1
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            self.sample()
+            self._halt.wait(self.interval)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
+def run_measured(cmd: list[str], log_path: Path, env=None) -> dict:
+    """Run ``cmd``; wall time, peak tree RSS/PSS, max single-process RSS, stdout."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env)
+        sampler = TreeSampler(proc.pid)
+        sampler.start()
+        stdout = proc.stdout.read()
+        _pid, status, ru = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        sampler.stop()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    text = log_path.read_text(errors="replace")
+    return {
+        "cmd": cmd,
+        "returncode": proc.returncode,
+        "wall_s": wall,
+        "peak_tree_rss_mb": sampler.peak_rss / 2**20,
+        "peak_tree_pss_mb": sampler.peak_pss / 2**20,
+        "max_process_rss_mb": ru.ru_maxrss / 1024,  # KiB on Linux; largest single process
+        "max_processes": sampler.max_procs,
+        "rss_samples": sampler.samples,
+        "stdout": stdout.decode(errors="replace"),
+        "stderr_log": str(log_path),
+        "stderr_error_lines": sum(1 for line in text.splitlines()
+                                  if "Traceback" in line or line.startswith("ERROR")
+                                  or " ERROR " in line),
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Corpus
+# --------------------------------------------------------------------------------------
+
+
+def corpus(n_files: int, share: float, patients: int, seed: int) -> tuple[Path, dict]:
+    """The cached corpus directory and its description (generated when missing)."""
+    name = f"corpus-n{n_files}-ct{share:g}-p{patients}-s{seed}"
+    root, meta_path = WORK / name, WORK / f"{name}.json"
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        files = sorted(root.rglob("*.dcm")) if root.exists() else []
+        if len(files) == meta["n_files"] and sum(f.stat().st_size for f in files) == meta["bytes"]:
+            return root, meta
+    shutil.rmtree(root, ignore_errors=True)
+    # in a subprocess: keeps this (parent) process small, because a child's ru_maxrss
+    # starts from the parent's high-water mark at fork
+    print(f"generating corpus {name} ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "dicom_deid.sample", str(root), "--files", str(n_files),
+                    "--patients", str(patients), "--seed", str(seed), "--ct512-share", str(share)],
+                   check=True, stdout=sys.stderr)
+    files = sorted(root.rglob("*.dcm"))
+    meta = {
+        "name": name, "n_files": len(files), "ct512_share": share, "patients": patients,
+        "seed": seed, "bytes": sum(f.stat().st_size for f in files),
+        "generated_in_s": round(time.perf_counter() - t0, 1),
+    }
+    meta_path.write_text(json.dumps(meta, indent=2))
+    return root, meta
+
+
+def subset(root: Path, m: int) -> tuple[Path, int, int]:
+    """A directory of ``m`` hard links taking every k-th file of ``root`` (cached)."""
+    files = sorted(root.rglob("*.dcm"))
+    if m >= len(files):
+        return root, len(files), sum(f.stat().st_size for f in files)
+    dest = WORK / f"{root.name}-subset{m}"
+    picked = [files[(i * len(files)) // m] for i in range(m)]
+    have = sorted(dest.rglob("*.dcm")) if dest.exists() else []
+    if len(have) != m:
+        shutil.rmtree(dest, ignore_errors=True)
+        for f in picked:
+            target = dest / f.relative_to(root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(f, target)
+            except OSError:
+                shutil.copy2(f, target)
+    return dest, m, sum(f.stat().st_size for f in picked)
+
+
+def warm_cache(root: Path) -> None:
+    for f in sorted(root.rglob("*.dcm")):
+        with open(f, "rb") as fh:
+            while fh.read(1 << 20):
+                pass
+
+
+# --------------------------------------------------------------------------------------
+# The runs
+# --------------------------------------------------------------------------------------
+
+
+def cli_cmd() -> list[str]:
+    exe = Path(sys.executable).parent / "dicom-deid"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "dicom_deid.cli"]
+
+
+def baseline_child(src: str, dst: str) -> int:
+    """The bare loop: read every file with pydicom, write it with save_as (one process)."""
+    import warnings
+
+    import pydicom
+    warnings.simplefilter("ignore")
+    src_p, dst_p = Path(src), Path(dst)
+    files = sorted(src_p.rglob("*.dcm"))
+    t0 = time.perf_counter()
+    n = nbytes = 0
+    for f in files:
+        ds = pydicom.dcmread(f)
+        out = dst_p / f.relative_to(src_p)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(out)
+        n += 1
+        nbytes += f.stat().st_size
+    loop = time.perf_counter() - t0
+    print(json.dumps({"files": n, "bytes": nbytes, "loop_s": loop}))
+    return 0
+
+
+def do_run(name: str, repeat: int, src: Path, n: int, nbytes: int, key: Path) -> dict:
+    base = WORK / "runs" / f"{name}-r{repeat}"
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    logs = WORK / "logs"
+    if name == "baseline":
+        cmd = [sys.executable, str(Path(__file__).resolve()), "_baseline", str(src), str(base / "out")]
+    else:
+        workers = 2 if name.startswith("p2") else 1
+        cmd = [*cli_cmd(), "run", "--input", f"{src}/**", "--output", str(base / "out"),
+               "--private", str(base / "private"), "--key", str(key), "--no-progress",
+               f"--direct_num_workers={workers}"]
+    r = run_measured(cmd, logs / f"{name}-r{repeat}.log")
+    r.update(name=name, repeat=repeat, files=n, input_bytes=nbytes)
+    if name == "baseline":
+        try:
+            r["internal"] = json.loads(r["stdout"].strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            r["internal"] = None
+        r["internal_s"] = (r["internal"] or {}).get("loop_s")
+    else:
+        summaries = sorted((base / "out" / "summaries").glob("run-*.json"))
+        s = json.loads(summaries[-1].read_text()) if summaries else {}
+        r["summary"] = {k: s.get(k) for k in ("inputs", "by_status", "by_reason", "by_modality",
+                                               "seconds", "objects_per_second", "num_workers",
+                                               "running_mode", "runner")}
+        r["internal_s"] = s.get("seconds")
+    r["outputs_written"] = sum(1 for _ in (base / "out").rglob("*.dcm"))
+    r.pop("stdout", None)
+    shutil.rmtree(base, ignore_errors=True)
+    return r
+
+
+def med(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def machine() -> dict:
+    model = ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_kb = 0
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal:"):
+                mem_kb = int(line.split()[1])
+    except OSError:
+        pass
+    from importlib.metadata import version  # no imports of the packages themselves (RSS)
+    return {"nproc": os.cpu_count(), "cpu_model": model, "ram_gib": round(mem_kb / 2**20, 1),
+            "python": platform.python_version(), "pydicom": version("pydicom"),
+            "apache_beam": version("apache-beam"), "dicom_deid": version("dicom-deid"), "platform": platform.platform(),
+            "loadavg_at_start": os.getloadavg()}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "_baseline":
+        return baseline_child(argv[1], argv[2])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--files", type=int, default=2000)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--patients", type=int, default=100)
+    ap.add_argument("--ct512-share", type=float, default=0.6)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up runs")
+    ap.add_argument("--out", type=Path, default=RESULTS / "throughput.json")
+    a = ap.parse_args(argv)
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    key = WORK / "bench.key"
+    if not key.exists():
+        key.write_text(secrets.token_hex(32) + "\n")
+        key.chmod(0o600)
+    root, cmeta = corpus(a.files, a.ct512_share, min(a.patients, a.files), a.seed)
+    inputs = {"full": (root, cmeta["n_files"], cmeta["bytes"]),
+              "tiny": subset(root, TINY), "mid": subset(root, MID)}
+    plan = [("baseline", "full"), ("p1", "full"), ("p2", "full"),
+            ("p1_tiny", "tiny"), ("p1_500", "mid"), ("p2_tiny", "tiny")]
+    started = _dt.datetime.now(_dt.timezone.utc)
+    info = machine()
+    warm_cache(root)
+    if not a.no_warmup:  # untimed: fills the page cache and the bytecode/import caches
+        print("warm-up ...", file=sys.stderr, flush=True)
+        do_run("baseline", -1, *inputs["tiny"], key)
+        do_run("p1_tiny", -1, *inputs["tiny"], key)
+
+    runs = []
+    for r in range(a.repeats):
+        order = plan if r % 2 == 0 else plan[::-1]  # alternate direction to spread drift
+        for name, inp in order:
+            res = do_run(name, r, *inputs[inp], key)
+            runs.append(res)
+            st = res.get("summary", {}).get("by_status") if "summary" in res else None
+            print(f"[{r}] {name:9s} {res['files']:5d} files  wall {res['wall_s']:7.2f}s  "
+                  f"tree RSS {res['peak_tree_rss_mb']:7.1f} MB  rc={res['returncode']}"
+                  + (f"  by_status={st}" if st is not None else ""), file=sys.stderr, flush=True)
+
+    results = summarise(runs)
+    doc = {
+        "benchmark": "throughput",
+        "started_utc": started.isoformat(timespec="seconds"),
+        "finished_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, "benchmarks/throughput.py", *argv]),
+        "machine": info,
+        "loadavg_at_end": os.getloadavg(),
+        "corpus": cmeta,
+        "inputs": {k: {"dir": str(v[0]), "files": v[1], "bytes": v[2]} for k, v in inputs.items()},
+        "repeats": a.repeats,
+        "memory_method": "sum of RSS (and PSS) over the run's process tree, sampled from /proc "
+                         "every 0.2 s; max_process_rss_mb = ru_maxrss from os.wait4",
+        "results": results,
+        "runs": runs,
+    }
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    print(report(doc))
+    print(f"\nwritten: {a.out}", file=sys.stderr)
+    return 0 if all(r["returncode"] == 0 for r in runs) else 1
+
+
+def summarise(runs: list[dict]) -> dict:
+    by: dict[str, list[dict]] = {}
+    for r in runs:
+        by.setdefault(r["name"], []).append(r)
+    rows = {}
+    for name, rs in by.items():
+        wall = med(r["wall_s"] for r in rs)
+        n, nbytes = rs[0]["files"], rs[0]["input_bytes"]
+        rows[name] = {
+            "files": n, "input_mb": nbytes / 1e6, "repeats": len(rs),
+            "wall_s": wall, "wall_s_all": [round(r["wall_s"], 3) for r in rs],
+            "files_per_s": n / wall, "mb_per_s": nbytes / 1e6 / wall,
+            "internal_s": med(r.get("internal_s") for r in rs),
+            "peak_tree_rss_mb": med(r["peak_tree_rss_mb"] for r in rs),
+            "peak_tree_pss_mb": med(r["peak_tree_pss_mb"] for r in rs),
+            "max_process_rss_mb": med(r["max_process_rss_mb"] for r in rs),
+            "max_processes": max(r["max_processes"] for r in rs),
+            "by_status": [r.get("summary", {}).get("by_status") for r in rs] if "summary" in rs[0] else None,
+            "outputs_written": [r["outputs_written"] for r in rs],
+            "returncodes": [r["returncode"] for r in rs],
+        }
+    out = {"rows": rows}
+    g = rows.get
+    if g("baseline") and g("p1") and g("p2"):
+        a, b, c = rows["baseline"], rows["p1"], rows["p2"]
+        ratio = {"b_over_a": b["files_per_s"] / a["files_per_s"],
+                 "c_over_b": c["files_per_s"] / b["files_per_s"]}
+        # marginal rates: the fixed start-up cost (tiny run) taken out
+        marg = {}
+        base_loop = a["internal_s"]
+        if base_loop:
+            marg["baseline_files_per_s"] = a["files"] / base_loop
+        for big, tiny in (("p1", "p1_tiny"), ("p2", "p2_tiny")):
+            if g(tiny):
+                dn = rows[big]["files"] - rows[tiny]["files"]
+                dt = rows[big]["wall_s"] - rows[tiny]["wall_s"]
+                marg[f"{big}_fixed_s"] = rows[tiny]["wall_s"] - rows[tiny]["files"] * dt / dn
+                marg[f"{big}_files_per_s"] = dn / dt if dt > 0 else None
+                marg[f"{big}_mb_per_s"] = ((rows[big]["input_mb"] - rows[tiny]["input_mb"]) / dt
+                                           if dt > 0 else None)
+        if marg.get("baseline_files_per_s") and marg.get("p1_files_per_s"):
+            ratio["b_over_a_marginal"] = marg["p1_files_per_s"] / marg["baseline_files_per_s"]
+        if marg.get("p1_files_per_s") and marg.get("p2_files_per_s"):
+            ratio["c_over_b_marginal"] = marg["p2_files_per_s"] / marg["p1_files_per_s"]
+        out["marginal"] = marg
+        out["ratios"] = ratio
+        targets = {
+            "p1_vs_baseline_min_0.75": ratio["b_over_a"] >= 0.75,
+            "p1_vs_baseline_goal_0.90": ratio["b_over_a"] >= 0.90,
+            "p2_vs_p1_min_1.8": ratio["c_over_b"] >= 1.8,
+        }
+        if "b_over_a_marginal" in ratio:
+            targets["p1_vs_baseline_min_0.75_marginal"] = ratio["b_over_a_marginal"] >= 0.75
+            targets["p1_vs_baseline_goal_0.90_marginal"] = ratio["b_over_a_marginal"] >= 0.90
+        if "c_over_b_marginal" in ratio:
+            targets["p2_vs_p1_min_1.8_marginal"] = ratio["c_over_b_marginal"] >= 1.8
+        out["targets"] = targets
+    if g("p1") and g("p1_500"):
+        growth = rows["p1"]["peak_tree_rss_mb"] / rows["p1_500"]["peak_tree_rss_mb"]
+        out["memory"] = {
+            "files_small": rows["p1_500"]["files"], "files_large": rows["p1"]["files"],
+            "peak_tree_rss_mb_small": rows["p1_500"]["peak_tree_rss_mb"],
+            "peak_tree_rss_mb_large": rows["p1"]["peak_tree_rss_mb"],
+            "peak_tree_pss_mb_small": rows["p1_500"]["peak_tree_pss_mb"],
+            "peak_tree_pss_mb_large": rows["p1"]["peak_tree_pss_mb"],
+            "rss_growth_ratio": growth,
+            "criterion": "flat if peak tree RSS grows <= 10 % for 4x the files",
+            "flat": growth <= 1.10,
+        }
+        out.setdefault("targets", {})["memory_flat"] = growth <= 1.10
+    return out
+
+
+def report(doc: dict) -> str:
+    res = doc["results"]
+    rows = res["rows"]
+    label = {"baseline": "a) bare pydicom loop", "p1": "b) pipeline, 1 worker",
+             "p2": "c) pipeline, 2 workers", "p1_tiny": "b) pipeline, 1 worker (tiny)",
+             "p2_tiny": "c) pipeline, 2 workers (tiny)", "p1_500": "b) pipeline, 1 worker (500)"}
+    lines = ["| run | files | input MB | wall s | files/s | MB/s | peak tree RSS MB | peak tree PSS MB "
+             "| max proc RSS MB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in ("baseline", "p1", "p2", "p1_tiny", "p2_tiny", "p1_500"):
+        if name not in rows:
+            continue
+        r = rows[name]
+        lines.append(f"| {label[name]} | {r['files']} | {r['input_mb']:.1f} | {r['wall_s']:.2f} | "
+                     f"{r['files_per_s']:.1f} | {r['mb_per_s']:.1f} | {r['peak_tree_rss_mb']:.0f} | "
+                     f"{r['peak_tree_pss_mb']:.0f} | {r['max_process_rss_mb']:.0f} |")
+    if "ratios" in res:
+        lines.append("")
+        for k, v in res["ratios"].items():
+            lines.append(f"- {k}: {v:.3f}")
+        for k, v in res.get("marginal", {}).items():
+            lines.append(f"- marginal {k}: {v:.2f}" if v is not None else f"- marginal {k}: n/a")
+    if "memory" in res:
+        m = res["memory"]
+        lines.append(f"- memory: peak tree RSS {m['peak_tree_rss_mb_small']:.0f} MB at {m['files_small']} "
+                     f"files vs {m['peak_tree_rss_mb_large']:.0f} MB at {m['files_large']} files "
+                     f"(x{m['rss_growth_ratio']:.2f})")
+    for k, v in res.get("targets", {}).items():
+        lines.append(f"- target {k}: {'met' if v else 'NOT met'}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
