@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions, SdkHarnessOptions,
+from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions, WorkerOptions,
                                                   StandardOptions)
 
 from .. import summary as summary_mod
@@ -53,7 +53,7 @@ def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
         if "--direct_num_workers" not in " ".join(beam_args):
             direct.direct_num_workers = os.cpu_count() or 1
         if "default_sdk_harness_log_level" not in " ".join(beam_args):
-            opts.view_as(SdkHarnessOptions).default_sdk_harness_log_level = "WARNING"
+            opts.view_as(WorkerOptions).default_sdk_harness_log_level = "WARNING"
         if direct.direct_running_mode in (None, "in_memory") and "--direct_running_mode" not in " ".join(beam_args):
             direct.direct_running_mode = "multi_processing"
     return opts

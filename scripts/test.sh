@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The README's second command: set up and run the whole test suite, slowest tests listed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="$(scripts/bootstrap.sh tests)"
+exec "$VENV/bin/python" -m pytest -p no:cacheprovider --durations=15 "$@" tests
