@@ -105,25 +105,83 @@ def _pss_bytes(pid: int) -> int:
     return 0
 
 
+def _cpu_ticks(pid: int) -> int:
+    """utime + stime of ``pid`` in clock ticks (0 when gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            rest = f.read().rsplit(b")", 1)[1].split()
+        return int(rest[11]) + int(rest[12])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _machine_busy_ticks() -> int:
+    """Busy clock ticks of all CPUs (everything but idle and iowait) from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return sum(v[:8]) - v[3] - v[4]  # user nice system idle iowait irq softirq steal
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
 class TreeSampler(threading.Thread):
-    """Samples the summed RSS/PSS of a process and all its descendants."""
+    """Samples the summed RSS/PSS of a process and all its descendants.
+
+    Also keeps the peak per role (``main``: the launched process; ``worker``: Beam SDK
+    worker subprocesses; ``other``), the last seen CPU time of every process in the tree
+    and a coarse timeline of (seconds, main MB, workers MB).
+    """
 
     def __init__(self, root: int, interval: float = 0.2):
         super().__init__(daemon=True)
         self.root, self.interval = root, interval
         self.peak_rss = self.peak_pss = 0
+        self.peak_role: dict[str, int] = {}
         self.max_procs = 0
         self.samples = 0
+        self.cpu_ticks: dict[int, int] = {}
+        self.timeline: list[tuple[float, float, float]] = []
+        self._roles: dict[int, str] = {}
+        self._t0 = time.perf_counter()
         self._halt = threading.Event()
+
+    def _role(self, pid: int) -> str:
+        if pid not in self._roles:
+            if pid == self.root:
+                role = "main"
+            else:
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        cmd = f.read()
+                except OSError:
+                    cmd = b""
+                role = "worker" if b"sdk_worker_main" in cmd else "other"
+            self._roles[pid] = role
+        return self._roles[pid]
 
     def sample(self) -> None:
         pids = tree_pids(self.root)
-        rss = sum(_rss_bytes(p) for p in pids)
+        by_role: dict[str, int] = {}
+        rss = 0
+        for p in pids:
+            r = _rss_bytes(p)
+            rss += r
+            role = self._role(p)
+            by_role[role] = by_role.get(role, 0) + r
+            t = _cpu_ticks(p)
+            if t:
+                self.cpu_ticks[p] = max(self.cpu_ticks.get(p, 0), t)
         pss = sum(_pss_bytes(p) for p in pids)
         self.peak_rss = max(self.peak_rss, rss)
         self.peak_pss = max(self.peak_pss, pss)
+        for role, v in by_role.items():
+            self.peak_role[role] = max(self.peak_role.get(role, 0), v)
         self.max_procs = max(self.max_procs, len(pids))
         self.samples += 1
+        self.timeline.append((round(time.perf_counter() - self._t0, 2),
+                              round(by_role.get("main", 0) / 2**20, 1),
+                              round(by_role.get("worker", 0) / 2**20, 1)))
 
     def run(self) -> None:
         while not self._halt.is_set():
@@ -135,10 +193,19 @@ class TreeSampler(threading.Thread):
         self.join()
 
 
+def _thin(points: list, keep: int = 40) -> list:
+    if len(points) <= keep:
+        return points
+    step = len(points) / keep
+    return [points[int(i * step)] for i in range(keep)] + [points[-1]]
+
+
 def run_measured(cmd: list[str], log_path: Path, env=None) -> dict:
-    """Run ``cmd``; wall time, peak tree RSS/PSS, max single-process RSS, stdout."""
+    """Run ``cmd``; wall time, peak tree RSS/PSS, max single-process RSS, CPU, stdout."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    load = os.getloadavg()[0]
     with open(log_path, "wb") as log:
+        busy0 = _machine_busy_ticks()
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env)
         sampler = TreeSampler(proc.pid)
@@ -146,18 +213,32 @@ def run_measured(cmd: list[str], log_path: Path, env=None) -> dict:
         stdout = proc.stdout.read()
         _pid, status, ru = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
+        busy = (_machine_busy_ticks() - busy0) / TICK
         sampler.stop()
         proc.returncode = os.waitstatus_to_exitcode(status)
     text = log_path.read_text(errors="replace")
+    # CPU of the tree: rusage of the run (includes descendants it reaped) or, if larger,
+    # the sum of the last sampled CPU time of every process seen in the tree
+    cpu_ru = ru.ru_utime + ru.ru_stime
+    cpu_sampled = sum(sampler.cpu_ticks.values()) / TICK
+    cpu = max(cpu_ru, cpu_sampled)
     return {
         "cmd": cmd,
         "returncode": proc.returncode,
         "wall_s": wall,
+        "cpu_s": cpu,
+        "cpu_s_rusage": cpu_ru,
+        "cpu_s_sampled": cpu_sampled,
+        "machine_busy_cpu_s": busy,
+        "other_load_cpus": max(busy - cpu, 0.0) / wall,  # CPUs kept busy by everything else
+        "loadavg_1m_before": load,
         "peak_tree_rss_mb": sampler.peak_rss / 2**20,
         "peak_tree_pss_mb": sampler.peak_pss / 2**20,
+        "peak_role_rss_mb": {k: v / 2**20 for k, v in sorted(sampler.peak_role.items())},
         "max_process_rss_mb": ru.ru_maxrss / 1024,  # KiB on Linux; largest single process
         "max_processes": sampler.max_procs,
         "rss_samples": sampler.samples,
+        "rss_timeline_s_main_workers_mb": _thin(sampler.timeline),
         "stdout": stdout.decode(errors="replace"),
         "stderr_log": str(log_path),
         "stderr_error_lines": sum(1 for line in text.splitlines()
