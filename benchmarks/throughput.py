@@ -482,6 +482,12 @@ def summarise(runs: list[dict]) -> dict:
             "peak_tree_pss_mb": med(r["peak_tree_pss_mb"] for r in rs),
             "max_process_rss_mb": med(r["max_process_rss_mb"] for r in rs),
             "max_processes": max(r["max_processes"] for r in rs),
+            "cpu_s": med(r["cpu_s"] for r in rs),
+            "cpu_ms_per_file": 1000 * med(r["cpu_s"] for r in rs) / n,
+            "cpus_used": med(r["cpu_s"] / r["wall_s"] for r in rs),
+            "other_load_cpus": med(r["other_load_cpus"] for r in rs),
+            "peak_main_rss_mb": med(r["peak_role_rss_mb"].get("main", 0) for r in rs),
+            "peak_workers_rss_mb": med(r["peak_role_rss_mb"].get("worker", 0) for r in rs),
             "by_status": [r.get("summary", {}).get("by_status") for r in rs] if "summary" in rs[0] else None,
             "outputs_written": [r["outputs_written"] for r in rs],
             "returncodes": [r["returncode"] for r in rs],
@@ -530,6 +536,10 @@ def summarise(runs: list[dict]) -> dict:
             "peak_tree_rss_mb_large": rows["p1"]["peak_tree_rss_mb"],
             "peak_tree_pss_mb_small": rows["p1_500"]["peak_tree_pss_mb"],
             "peak_tree_pss_mb_large": rows["p1"]["peak_tree_pss_mb"],
+            "peak_main_rss_mb_small": rows["p1_500"]["peak_main_rss_mb"],
+            "peak_main_rss_mb_large": rows["p1"]["peak_main_rss_mb"],
+            "peak_workers_rss_mb_small": rows["p1_500"]["peak_workers_rss_mb"],
+            "peak_workers_rss_mb_large": rows["p1"]["peak_workers_rss_mb"],
             "rss_growth_ratio": growth,
             "criterion": "flat if peak tree RSS grows <= 10 % for 4x the files",
             "flat": growth <= 1.10,
@@ -553,6 +563,14 @@ def report(doc: dict) -> str:
         lines.append(f"| {label[name]} | {r['files']} | {r['input_mb']:.1f} | {r['wall_s']:.2f} | "
                      f"{r['files_per_s']:.1f} | {r['mb_per_s']:.1f} | {r['peak_tree_rss_mb']:.0f} | "
                      f"{r['peak_tree_pss_mb']:.0f} | {r['max_process_rss_mb']:.0f} |")
+    lines += ["", "| run | CPU s (tree) | CPU ms/file | CPUs used | other load (CPUs) | peak main RSS MB "
+              "| peak workers RSS MB |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name in ("baseline", "p1", "p2", "p1_tiny", "p2_tiny", "p1_500"):
+        if name not in rows:
+            continue
+        r = rows[name]
+        lines.append(f"| {label[name]} | {r['cpu_s']:.1f} | {r['cpu_ms_per_file']:.1f} | {r['cpus_used']:.2f} | "
+                     f"{r['other_load_cpus']:.2f} | {r['peak_main_rss_mb']:.0f} | {r['peak_workers_rss_mb']:.0f} |")
     if "ratios" in res:
         lines.append("")
         for k, v in res["ratios"].items():
@@ -563,7 +581,9 @@ def report(doc: dict) -> str:
         m = res["memory"]
         lines.append(f"- memory: peak tree RSS {m['peak_tree_rss_mb_small']:.0f} MB at {m['files_small']} "
                      f"files vs {m['peak_tree_rss_mb_large']:.0f} MB at {m['files_large']} files "
-                     f"(x{m['rss_growth_ratio']:.2f})")
+                     f"(x{m['rss_growth_ratio']:.2f}); main {m['peak_main_rss_mb_small']:.0f} -> "
+                     f"{m['peak_main_rss_mb_large']:.0f} MB, workers {m['peak_workers_rss_mb_small']:.0f} -> "
+                     f"{m['peak_workers_rss_mb_large']:.0f} MB")
     for k, v in res.get("targets", {}).items():
         lines.append(f"- target {k}: {'met' if v else 'NOT met'}")
     return "\n".join(lines)
