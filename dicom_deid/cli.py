@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dicom-deid {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
+    ps = sub.add_parser("policy", help="policy tools")
+    psub = ps.add_subparsers(dest="policy_command", required=True)
+    show = psub.add_parser("show", help="print the effective action for every Table E.1-1 attribute")
+    show.add_argument("--policy", default="basic", metavar="NAME|FILE")
+    show.add_argument("--format", choices=("text", "markdown"), default="text")
     d = sub.add_parser("demo", help="make sample data with fake identifiers and de-identify it")
     d.add_argument("--dir", default="demo-output", help="where to put sample data and results")
     d.add_argument("--files", type=int, default=24)
@@ -109,6 +114,22 @@ def _quiet_logs() -> None:
     logging.getLogger().setLevel(logging.WARNING)
 
 
+def policy_table(name: str, fmt: str = "text") -> str:
+    from . import policy as policy_mod, tags
+    pol = policy_mod.load(name)
+    rows = tags.effective_actions(pol)
+    head = f"policy {pol.label}: options applied: {', '.join(pol.applied_options) or 'none'}"
+    if pol.unapplied_options:
+        head += f"; not applied yet: {', '.join(pol.unapplied_options)}"
+    if fmt == "markdown":
+        lines = [head, "", "| tag | attribute | basic | action | note |", "|---|---|---|---|---|"]
+        lines += [f"| {r['tag']} | {r['name']} | {r['basic']} | {r['action']} | {r['note']} |" for r in rows]
+    else:
+        lines = [head] + [f"{r['tag']:<32} {r['action']:<7} {r['name'][:60]:<60} {r['note']}".rstrip()
+                          for r in rows]
+    return "\n".join(lines)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_logs()
@@ -118,6 +139,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "demo":
             return cmd_demo(args)
+        if args.command == "policy" and args.policy_command == "show":
+            print(policy_table(args.policy, args.format))
+            return 0
         return 2
     except ConfigError as exc:
         print(f"dicom-deid: error: {exc}", file=sys.stderr)

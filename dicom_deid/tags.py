@@ -438,3 +438,23 @@ def _markers(ds: Dataset, rules: Rules, ctx: _Ctx) -> None:
         ds.LongitudinalTemporalInformationModified = "MODIFIED"
     else:
         ds.LongitudinalTemporalInformationModified = "REMOVED"
+
+
+def effective_actions(pol: Policy) -> list[dict]:
+    """The action this version applies to every Table E.1-1 row under ``pol``: what
+    ``dicom-deid policy show`` prints and the README's action table is generated from."""
+    opts = set(pol.applied_options)
+    out = []
+    for row in standard.load_table():
+        code = row.action(opts)
+        note = ""
+        if code.startswith("C") and not _can_clean(row, opts):
+            code, note = row.basic, "option C not applied yet: basic action"
+        if row.tag in ("(0010,0010)", "(0010,0020)"):
+            note = "replaced by the keyed pseudonym"
+        elif "U" in code and "rtn_uids" not in opts:
+            note = note or "UIDs: keyed remap to 2.25.<uuid v8>"
+        if "/" in code:
+            note = note or "resolved per IOD: type 1/1C -> D/U, 2/2C -> Z, else X"
+        out.append({"tag": row.tag, "name": row.name, "basic": row.basic, "action": code, "note": note})
+    return out
