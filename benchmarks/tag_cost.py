@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     findings_count = {p: 0 for p in POLICIES}
     finding_kinds: dict[str, int] = {}
     started = _dt.datetime.now(_dt.timezone.utc)
-    t_all = pc()
+    t_all, c_all = pc(), time.process_time()
     for i, f in enumerate(files):
         data = f.read_bytes()
         for pol in (POLICIES if i % 2 == 0 else POLICIES[::-1]):
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
                 for x in findings:
                     k = f"{pol}:{x}"
                     finding_kinds[k] = finding_kinds.get(k, 0) + 1
-    elapsed = pc() - t_all
+    elapsed, cpu = pc() - t_all, time.process_time() - c_all
 
     results = {}
     for pol in POLICIES:
@@ -138,6 +138,9 @@ def main(argv=None) -> int:
         "objects": len(files),
         "input_mb": sum(f.stat().st_size for f in files) / 1e6,
         "elapsed_s": elapsed,
+        "cpu_s": cpu,
+        # < 1 means the process was waiting for a CPU (other load) part of the time
+        "cpu_over_wall": cpu / elapsed,
         "results": results,
         "by_kind": kinds,
         "finding_kinds": finding_kinds,
@@ -162,6 +165,7 @@ def report(doc: dict) -> str:
             cells += [f"{st['median_us']:,.0f}", f"{st['p90_us']:,.0f}", share]
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     lines.append("")
+    lines.append(f"- loop CPU/wall: {doc['cpu_over_wall']:.2f} (1.00 = never waited for a CPU)")
     for p in POLICIES:
         lines.append(f"- {p}: {r[p]['objects_per_s_engine']:.1f} objects/s engine-only (1 core), "
                      f"objects with verify findings: {r[p]['objects_with_findings']}")

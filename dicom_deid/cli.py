@@ -33,6 +33,16 @@ def _run_parser(sub) -> argparse.ArgumentParser:
                    help="refuse to run when the policy names options this version cannot apply")
     p.add_argument("--max-input-bytes", type=int, default=None, metavar="N",
                    help="inputs larger than this become dead letters (default 8 GiB)")
+    p.add_argument("--lookup-table", default=None, metavar="FILE",
+                   help="private CSV/Parquet: nhs_number or patient_id[,issuer] -> research_id "
+                        "[,date_offset_days]; wins over derived pseudonyms (hashed when loaded)")
+    p.add_argument("--exclusions", default=None, metavar="FILE",
+                   help="private CSV/Parquet of nhs_number and/or patient_id[,issuer] (opt-outs): "
+                        "matching objects are not processed (manifest status 'excluded')")
+    p.add_argument("--incremental", action="store_true",
+                   help="skip inputs an earlier --incremental run finished with the same version "
+                        "(generation/ETag, else size+mtime); record finished inputs under the private "
+                        "prefix so a killed run resumes")
     p.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
     p.add_argument("--no-progress", action="store_true", help="no progress lines")
     return p
@@ -48,6 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
     show = psub.add_parser("show", help="print the effective action for every Table E.1-1 attribute")
     show.add_argument("--policy", default="basic", metavar="NAME|FILE")
     show.add_argument("--format", choices=("text", "markdown"), default="text")
+    ins = sub.add_parser("inspect", help="show what would happen to each attribute of one file (writes nothing)")
+    ins.add_argument("file")
+    ins.add_argument("--policy", default="basic", metavar="NAME|FILE")
+    ins.add_argument("--key", default=None, metavar="REF", help="key reference (default: the local key)")
+    ins.add_argument("--show-values", action="store_true",
+                     help="also print original values: THESE ARE PHI, do not paste them anywhere")
+    lk = sub.add_parser("link", help="linkage tools (private data: run where the private prefix lives)")
+    lsub = lk.add_subparsers(dest="link_command", required=True)
+    le = lsub.add_parser("export", help="write mapping CSVs (patients, UIDs, files) from the linkage "
+                                        "table and the pseudonym store")
+    le.add_argument("--private", required=True, metavar="PREFIX", help="the run's private prefix")
+    le.add_argument("--out", required=True, metavar="DIR", help="local folder for the CSVs (private!)")
+    le.add_argument("--run-id", default=None, help="only this run (default: every run, latest wins)")
     d = sub.add_parser("demo", help="make sample data with fake identifiers and de-identify it")
     d.add_argument("--dir", default="demo-output", help="where to put sample data and results")
     d.add_argument("--files", type=int, default=24)
@@ -62,7 +85,8 @@ def parse_run(argv: Sequence[str]):
     cfg = make_config(args.input, args.output, args.private, policy=args.policy, key=args.key,
                       strict=args.strict, run_id=args.run_id,
                       max_input_bytes=args.max_input_bytes or DEFAULT_MAX_INPUT_BYTES,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, lookup_table=args.lookup_table,
+                      exclusions=args.exclusions, incremental=args.incremental)
     return cfg, beam_args
 
 
@@ -114,6 +138,35 @@ def _quiet_logs() -> None:
     logging.getLogger().setLevel(logging.WARNING)
 
 
+def cmd_inspect(args) -> int:
+    from pydicom.datadict import keyword_for_tag
+    from . import keys, policy as policy_mod, reader, tags
+    from .element import InputRef
+    pol = policy_mod.load(args.policy)
+    key_ref = keys.KeyRef(args.key) if args.key else keys.ensure_local_key()[0]
+    key = keys.resolve(key_ref)
+    d = keys.Deriver(key, pol.date_offset_days)
+    with open(args.file, "rb") as f:
+        data = f.read()
+    obj = reader.parse(InputRef(args.file, d.input_key(args.file)), d, data=data)
+    log: list = []
+    if args.show_values:
+        print("WARNING: original values below are identifying (PHI).", file=sys.stderr)
+    tags.deidentify(obj, tags.compile_rules(pol, key), log=log, show_values=args.show_values)
+    name = lambda t: keyword_for_tag(t) or f"({t >> 16:04X},{t & 0xFFFF:04X})"  # noqa: E731
+    print(f"{args.file}: policy {pol.label}; {len(log)} attributes")
+    for path, tag, vr, action, value in log:
+        where = " > ".join(name(p) for p in path + (tag,))
+        line = f"  {where:<70} {vr:<3} {action}"
+        if args.show_values and value is not None:
+            line += f"   {value}"
+        print(line)
+    c = obj.facts
+    print(f"removed={c['attrs_removed']} emptied={c['attrs_emptied']} replaced={c['attrs_replaced']} "
+          f"cleaned={c['attrs_cleaned']} kept={c['attrs_kept']}")
+    return 0
+
+
 def policy_table(name: str, fmt: str = "text") -> str:
     from . import policy as policy_mod, tags
     pol = policy_mod.load(name)
@@ -139,13 +192,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "demo":
             return cmd_demo(args)
+        if args.command == "inspect":
+            return cmd_inspect(args)
         if args.command == "policy" and args.policy_command == "show":
             print(policy_table(args.policy, args.format))
+            return 0
+        if args.command == "link" and args.link_command == "export":
+            from . import linkage
+            counts = linkage.export(args.private, args.out, run_id=args.run_id)
+            print("link export: " + ", ".join(f"{name}: {n} rows" for name, n in counts.items())
+                  + f" -> {args.out} (private data)")
             return 0
         return 2
     except ConfigError as exc:
         print(f"dicom-deid: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into head & co.
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -64,6 +64,8 @@ def resolve(ref: KeyRef) -> bytes:
         if value is None:
             raise ConfigError(f"key environment variable {name} is not set on this worker")
         return _decode_key_text(value.encode("utf-8"))
+    if r.startswith(GCP_SECRET_SCHEME):
+        return _decode_key_text(_gcp_secret(r[len(GCP_SECRET_SCHEME):]))
     path = r[5:] if r.startswith("file:") else r
     if "://" in path:
         raise ConfigError("key references of this scheme are not supported yet (use a file or env:VAR)")
@@ -71,6 +73,30 @@ def resolve(ref: KeyRef) -> bytes:
         return _decode_key_text(Path(path).expanduser().read_bytes())
     except FileNotFoundError:
         raise ConfigError("key file not found") from None
+
+
+GCP_SECRET_SCHEME = "gcpsm://"
+
+
+def _gcp_secret(name: str) -> bytes:
+    """``projects/P/secrets/S[/versions/V]`` from GCP Secret Manager (the gcp extra).
+    Works on any worker with credentials for the secret (Dataflow's service account,
+    Flink task managers with application default credentials)."""
+    import importlib
+    try:
+        sm = importlib.import_module("google.cloud.secretmanager")
+    except ImportError:
+        raise ConfigError("gcpsm:// key references need the gcp extra "
+                          "(pip install 'dicom-deid[gcp]')") from None
+    if not name.startswith("projects/") or "/secrets/" not in name:
+        raise ConfigError("gcpsm:// reference must be gcpsm://projects/P/secrets/S[/versions/V]")
+    if "/versions/" not in name:
+        name += "/versions/latest"
+    try:
+        resp = sm.SecretManagerServiceClient().access_secret_version(request={"name": name})
+        return bytes(resp.payload.data)
+    except Exception as exc:  # never the message: keep the class only
+        raise ConfigError(f"could not read the key from GCP Secret Manager ({type(exc).__name__})") from None
 
 
 def default_key_path() -> Path:

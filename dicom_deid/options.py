@@ -35,6 +35,11 @@ class RunConfig:
     max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES
     progress: bool = True
     key_created: bool = False
+    #: private user tables (URIs): research IDs (lookup) and opt-outs (exclusions)
+    lookup_table: Optional[str] = None
+    exclusions: Optional[str] = None
+    #: skip inputs finished before with the same version; record finished inputs (resumable)
+    incremental: bool = False
 
     @property
     def run(self) -> manifest.RunInfo:
@@ -58,7 +63,8 @@ def _norm(prefix: str) -> str:
 def make_config(inputs, output: str, private: str, policy: Optional[str] = None,
                 key: Optional[str] = None, strict: bool = False, run_id: Optional[str] = None,
                 max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES, progress: bool = True,
-                create_key: bool = True) -> RunConfig:
+                create_key: bool = True, lookup_table: Optional[str] = None,
+                exclusions: Optional[str] = None, incremental: bool = False) -> RunConfig:
     if not inputs:
         raise ConfigError("at least one --input pattern is required")
     output, private = _norm(output), _norm(private)
@@ -83,6 +89,14 @@ def make_config(inputs, output: str, private: str, policy: Optional[str] = None,
     keys.resolve(key_ref)
     if max_input_bytes <= 0:
         raise ConfigError("--max-input-bytes must be positive")
+    # pseudonym tables: present and usable before anything runs (messages name rows only)
+    from . import pseudonyms
+    lookup_table = _norm(lookup_table) if lookup_table else None
+    exclusions = _norm(exclusions) if exclusions else None
+    if pol.strategy == "lookup" and not lookup_table:
+        raise ConfigError(f"policy {pol.label} uses pseudonym strategy 'lookup': pass --lookup-table FILE")
+    pseudonyms.validate_tables(lookup_table, exclusions)
     return RunConfig(inputs=tuple(inputs), output=output, private=private, policy=pol,
                      key_ref=key_ref, run_id=run_id or new_run_id(), strict=strict,
-                     max_input_bytes=max_input_bytes, progress=progress, key_created=created)
+                     max_input_bytes=max_input_bytes, progress=progress, key_created=created,
+                     lookup_table=lookup_table, exclusions=exclusions, incremental=incremental)

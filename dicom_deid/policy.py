@@ -40,13 +40,31 @@ BASIC_CODE = ("113100", "Basic Application Confidentiality Profile")
 IMPLEMENTED_OPTIONS = frozenset({
     "rtn_safe_private", "rtn_uids", "rtn_device_identity", "rtn_institution_identity",
     "rtn_patient_characteristics", "rtn_long_full_dates", "rtn_long_modified_dates",
+    "clean_descriptors", "clean_structured_content", "clean_graphics",
 })
+OVERRIDE_ACTIONS = ("keep", "remove", "empty", "replace", "hash", "shift")
+MODES = ("profile", "allowlist")
+
+
+@dataclasses.dataclass(frozen=True)
+class Override:
+    """A per-attribute override. Exactly one of ``tag`` (standard attribute) or ``private``
+    ((creator lower-case, group, element byte within the creator's block)) is set.
+    ``within`` (a sequence path of tags) restricts it to that nesting; None = any depth."""
+
+    action: str
+    tag: Optional[int] = None
+    private: Optional[tuple[str, int, int]] = None
+    within: Optional[tuple[int, ...]] = None
+    value: Optional[str] = None
 
 PIXEL_MODES = ("quarantine",)
 ATTACHMENT_MODES = ("quarantine",)
-STRATEGIES = ("hmac",)
+STRATEGIES = ("hmac", "sequential", "lookup")
+PERSON_KEYS = ("patient_id", "nhs_number")
+_PSEUDONYM_KEYS = {"strategy", "date_offset_days", "person_key", "prefix", "digits"}
 _KEYS = {"schema", "name", "version", "description", "options", "pixels", "attachments",
-         "pseudonyms", "overrides"}
+         "pseudonyms", "overrides", "mode", "allowlist"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +76,16 @@ class Policy:
     attachments: str = "quarantine"
     strategy: str = "hmac"
     date_offset_days: tuple[int, int] = (-3650, -365)
+    #: pseudonyms: person key (patient_id or nhs_number) and sequential ID format
+    person_key: str = "patient_id"
+    sequential_prefix: str = "P"
+    sequential_digits: int = 6
     description: str = ""
     source: str = "<built-in>"
+    overrides: tuple = ()
+    mode: str = "profile"
+    #: with mode 'allowlist': the only attributes not named by Table E.1-1 that are kept
+    allowlist: frozenset = frozenset()
 
     @property
     def unapplied_options(self) -> tuple[str, ...]:
@@ -134,16 +160,98 @@ def parse(text: str, source: str = "<string>") -> Policy:
     strategy = pseud.get("strategy", "hmac")
     if strategy not in STRATEGIES:
         fail("key 'pseudonyms.strategy'", f"must be one of {STRATEGIES} in this version")
+    unknown_p = sorted(set(pseud) - _PSEUDONYM_KEYS)
+    if unknown_p:
+        fail(f"key 'pseudonyms.{unknown_p[0]}'", f"unknown key (allowed: {', '.join(sorted(_PSEUDONYM_KEYS))})")
+    person_key = pseud.get("person_key", "patient_id")
+    if person_key not in PERSON_KEYS:
+        fail("key 'pseudonyms.person_key'", f"must be one of {PERSON_KEYS}")
+    seq_prefix = pseud.get("prefix", "P")
+    if not isinstance(seq_prefix, str) or not seq_prefix.isascii() or not seq_prefix.isalnum() or len(seq_prefix) > 16:
+        fail("key 'pseudonyms.prefix'", "must be 1-16 ASCII letters or digits")
+    seq_digits = pseud.get("digits", 6)
+    if not isinstance(seq_digits, int) or not 3 <= seq_digits <= 12:
+        fail("key 'pseudonyms.digits'", "must be a whole number from 3 to 12")
     rng = pseud.get("date_offset_days", [-3650, -365])
     if (not isinstance(rng, list) or len(rng) != 2 or not all(isinstance(x, int) for x in rng)
             or rng[0] > rng[1] or rng == [0, 0]):
         fail("key 'pseudonyms.date_offset_days'", "must be [low, high] whole days, low <= high, not [0, 0]")
-    overrides = doc.get("overrides") or []
-    if overrides:
-        fail("key 'overrides'", "per-attribute overrides are not supported in this version")
+    overrides = tuple(_override(o, i, fail) for i, o in enumerate(doc.get("overrides") or []))
+    mode = doc.get("mode", "profile")
+    if mode not in MODES:
+        fail("key 'mode'", f"must be one of {MODES}")
+    allow = doc.get("allowlist") or []
+    if not isinstance(allow, list):
+        fail("key 'allowlist'", "must be a list of attribute keywords or tags")
+    allowlist = frozenset(_tag(a, f"allowlist[{i}]", fail) for i, a in enumerate(allow))
+    if mode == "allowlist" and not allowlist:
+        fail("key 'allowlist'", "mode 'allowlist' needs a non-empty allowlist")
     return Policy(
         name=str(doc["name"]), version=str(doc["version"]), options=tuple(options),
         pixels=pixels, attachments=attachments, strategy=strategy,
         date_offset_days=(int(rng[0]), int(rng[1])),
+        person_key=person_key, sequential_prefix=seq_prefix, sequential_digits=seq_digits,
         description=str(doc.get("description") or ""), source=source,
+        overrides=overrides, mode=mode, allowlist=allowlist,
     )
+
+
+def _tag(value, where: str, fail) -> int:
+    """A keyword ('StudyDescription') or a tag ('(0008,1030)', '00081030', 0x00081030)."""
+    from pydicom.datadict import tag_for_keyword
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        v = value.strip()
+        t = tag_for_keyword(v)
+        if t is not None:
+            return int(t)
+        hexv = v.strip("()").replace(",", "")
+        if len(hexv) == 8:
+            try:
+                return int(hexv, 16)
+            except ValueError:
+                pass
+    fail(f"key '{where}'", f"not a DICOM keyword or tag: {value!r}")
+
+
+def _override(o, i: int, fail) -> Override:
+    where = f"overrides[{i}]"
+    if not isinstance(o, dict):
+        fail(f"key '{where}'", "must be a mapping")
+    unknown = sorted(set(o) - {"attribute", "private", "within", "action", "value"})
+    if unknown:
+        fail(f"key '{where}.{unknown[0]}'", "unknown key")
+    action = o.get("action")
+    if action not in OVERRIDE_ACTIONS:
+        fail(f"key '{where}.action'", f"must be one of {OVERRIDE_ACTIONS}")
+    if ("attribute" in o) == ("private" in o):
+        fail(where, "give exactly one of 'attribute' or 'private'")
+    tag = private = None
+    if "attribute" in o:
+        tag = _tag(o["attribute"], f"{where}.attribute", fail)
+        if (tag >> 16) & 1:
+            fail(f"key '{where}.attribute'", "private attributes are addressed with 'private' (creator, group, element)")
+    else:
+        pv = o["private"]
+        if not isinstance(pv, dict) or not {"creator", "group", "element"} <= set(pv):
+            fail(f"key '{where}.private'", "needs creator, group and element (element byte within the block)")
+        group, elem = pv["group"], pv["element"]
+        try:
+            group = int(group, 16) if isinstance(group, str) else int(group)
+            elem = int(elem, 16) if isinstance(elem, str) else int(elem)
+        except ValueError:
+            fail(f"key '{where}.private'", "group and element must be numbers (hex strings allowed)")
+        if not group & 1 or not 0 <= elem <= 0xFF:
+            fail(f"key '{where}.private'", "group must be odd and element a byte (0x00-0xFF)")
+        private = (str(pv["creator"]).strip().lower(), group, elem)
+    within = None
+    if o.get("within") is not None:
+        if not isinstance(o["within"], list):
+            fail(f"key '{where}.within'", "must be a list of sequence keywords or tags")
+        within = tuple(_tag(w, f"{where}.within", fail) for w in o["within"])
+    value = o.get("value")
+    if action == "replace" and (value is None or not isinstance(value, (str, int, float))):
+        fail(f"key '{where}.value'", "action 'replace' needs a value")
+    return Override(action=action, tag=tag, private=private, within=within,
+                    value=None if value is None else str(value))

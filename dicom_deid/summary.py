@@ -82,6 +82,8 @@ def format_text(summary: dict) -> str:
     lines.append("  by modality: " + ", ".join(f"{k}={v}" for k, v in summary["by_modality"].items()))
     if summary["options_not_applied"]:
         lines.append("  options not applied: " + ", ".join(summary["options_not_applied"]))
+    if summary.get("incremental"):
+        lines.append("  incremental: " + ", ".join(f"{k}={v}" for k, v in summary["incremental"].items()))
     for k, v in summary["where"].items():
         lines.append(f"  {k}: {v}")
     return "\n".join(lines)

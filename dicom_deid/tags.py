@@ -79,17 +79,23 @@ class Rules:
         self.deriver = deriver
         opts = set(policy.applied_options)
         self.options = opts
-        self.by_tag: dict[int, str] = {}
+        #: tag -> (effective code, basic code); C falls back to the basic code wherever a
+        #: value cannot be cleaned (never weaker than Basic)
+        self.by_tag: dict[int, tuple[str, str]] = {}
         for tag, row in standard.rules_by_tag().items():
-            code = row.action(opts)
-            # an option we cannot apply must not weaken the result: use the Basic code
-            if code.startswith("C") and not _can_clean(row, opts):
-                code = row.basic
-            self.by_tag[tag] = code
+            self.by_tag[tag] = (row.action(opts), row.basic)
         self.safe_private = standard.safe_private_elements() if "rtn_safe_private" in opts else frozenset()
         self.shift_dates = "rtn_long_modified_dates" in opts
         self.keep_dates = "rtn_long_full_dates" in opts
         self.retain_uids = "rtn_uids" in opts
+        self.allowlist = policy.allowlist if policy.mode == "allowlist" else None
+        self.overrides_std: dict[int, list] = {}
+        self.overrides_private: dict[tuple, list] = {}
+        for o in policy.overrides:
+            if o.tag is not None:
+                self.overrides_std.setdefault(o.tag, []).append(o)
+            else:
+                self.overrides_private.setdefault(o.private, []).append(o)
         self._iod_cache: dict[str, dict] = {}
 
     def iod_types(self, sop_class_uid: str) -> dict:
@@ -98,11 +104,6 @@ class Rules:
             types = standard.iod_attribute_types(sop_class_uid)
             self._iod_cache[sop_class_uid] = types
         return types
-
-
-def _can_clean(row, opts) -> bool:
-    """Which 'C' codes this version can honour: date cleaning (shift) only."""
-    return "rtn_long_modified_dates" in opts and dict(row.options).get("rtn_long_modified_dates") == "C"
 
 
 def compile_rules(policy: Policy, key: bytes) -> Rules:
@@ -117,15 +118,11 @@ class PatientMapping:
     date_offset_days: int
 
 
-def patient_key_of(ds: Dataset, deriver: Deriver) -> str:
-    pid = str(ds.get("PatientID", "") or "").strip()
-    issuer = str(ds.get("IssuerOfPatientID", "") or "").strip()
-    if not pid:
-        # no patient ID: fall back to the study so a study stays together, never merged
-        # with other unidentified patients
-        study = str(ds.get("StudyInstanceUID", "") or "").strip()
-        return deriver.patient_key("study:" + study if study else "unknown:", issuer)
-    return deriver.patient_key(pid, issuer)
+def patient_key_of(ds: Dataset, deriver: Deriver, person_key: str = "patient_id") -> str:
+    """HMAC of the person key (PatientID + Issuer, or by policy a valid NHS number);
+    one definition shared with ScanHeaders (see :mod:`dicom_deid.pseudonyms`)."""
+    from .pseudonyms import person_key as _person_key
+    return _person_key(ds, deriver, person_key).hmac
 
 
 def mapping_for(patient_key: str, deriver: Deriver, entry: Optional[dict]) -> PatientMapping:
@@ -134,7 +131,8 @@ def mapping_for(patient_key: str, deriver: Deriver, entry: Optional[dict]) -> Pa
     return PatientMapping(deriver.pseudonym(patient_key), deriver.date_offset_days(patient_key))
 
 
-def deidentify(obj: DicomObject, rules: Rules, entry: Optional[dict] = None) -> DicomObject:
+def deidentify(obj: DicomObject, rules: Rules, entry: Optional[dict] = None,
+                log: Optional[list] = None, show_values: bool = False) -> DicomObject:
     """De-identify ``obj.dataset`` in place; fill ``obj.facts`` and ``obj.private``."""
     ds = obj.dataset
     d = rules.deriver
@@ -142,7 +140,8 @@ def deidentify(obj: DicomObject, rules: Rules, entry: Optional[dict] = None) -> 
     obj.patient_key = pkey
     mapping = mapping_for(pkey, d, entry)
     sop_class = str(ds.get("SOPClassUID", "") or "")
-    ctx = _Ctx(rules, d, mapping, rules.iod_types(sop_class), Counts())
+    ctx = _Ctx(rules, d, mapping, rules.iod_types(sop_class), Counts(), phi=obj.phi, log=log,
+               show_values=show_values)
 
     original_pid = str(ds.get("PatientID", "") or "")
     orig = {k: str(ds.get(k, "") or "") for k in
@@ -192,48 +191,115 @@ class _Ctx:
     mapping: PatientMapping
     iod: dict
     counts: Counts
+    phi: object = None
+    #: when a list, every decision is recorded as (path, tag, vr, action) for `inspect`
+    log: Optional[list] = None
+    show_values: bool = False
+    _cleaner: object = None
+
+    def cleaner(self):
+        if self._cleaner is None:
+            from .text import Cleaner
+            from .element import PhiContext
+            self._cleaner = Cleaner(self.phi if self.phi is not None else PhiContext())
+        return self._cleaner
+
+    def note(self, path, tag, vr, action, ds=None):
+        if self.log is not None:
+            value = None
+            if self.show_values and ds is not None and vr != "SQ":
+                try:
+                    value = repr(ds[tag].value)[:80]
+                except Exception:
+                    value = "<unreadable>"
+            self.log.append((path, int(tag), vr, action, value))
 
 
-def _walk(ds: Dataset, path: tuple, ctx: _Ctx) -> None:
+#: text VRs that Clean (C) rewrites, with their maximum lengths
+_TEXT_VRS = {"SH": 16, "LO": 64, "ST": 1024, "LT": 10240, "UT": None, "UC": None}
+
+
+def _walk(ds: Dataset, path: tuple, ctx: _Ctx, cleaning: bool = False) -> None:
     rules = ctx.rules
-    keep_private = _kept_private_tags(ds, rules) if rules.safe_private else frozenset()
+    creators = _private_creators(ds) if any(int(t) >> 16 & 1 for t in ds.keys()) else {}
+    keep_private = _kept_private_tags(ds, rules, creators) if (rules.safe_private and creators) else frozenset()
+    if creators and rules.overrides_private:
+        # a block with an element an override keeps needs its creator element too
+        extra = set()
+        for tag in ds.keys():
+            t = int(tag)
+            if t >> 16 & 1:
+                ov = _private_override(t, creators, path, rules)
+                if ov is not None and ov.action != "remove":
+                    extra.add((t >> 16 << 16) | ((t & 0xFFFF) >> 8))
+        keep_private = frozenset(keep_private | extra)
     for tag in list(ds.keys()):
         t = int(tag)
         if path == () and t in (PATIENT_ID, PATIENT_NAME) or t in _MARKERS and path == ():
             continue
         group = t >> 16
         if group & 1:
+            ov = _private_override(t, creators, path, rules)
+            if ov is not None:
+                _override(ds, ds[tag], ov, path, ctx)
+                continue
             if t in keep_private:
                 ctx.counts.kept += 1
                 elem = ds[tag]
+                ctx.note(path, t, elem.VR, "K (safe private)", ds)
                 if elem.VR == "SQ":
                     # safe private sequences keep their structure; identifiers inside are
                     # still governed by the standard rules for their own tags
                     for item in elem.value or ():
-                        _walk(item, path + (t,), ctx)
+                        _walk(item, path + (t,), ctx, cleaning)
             else:
+                ctx.note(path, t, ds.get_item(tag, keep_deferred=True).VR, "X (private)", ds)
                 del ds[tag]
                 ctx.counts.removed += 1
             continue
-        if 0x5000 <= group <= 0x501E or (0x6000 <= group <= 0x601E and (t & 0xFFFF) in (0x3000, 0x4000)):
-            # curve data; overlay data and comments (burned-in graphics may carry text)
+        if 0x5000 <= group <= 0x501E or (0x6000 <= group <= 0x601E and not group & 1):
+            # curve data; overlays (their data and comments are X in Table E.1-1: graphics
+            # may carry burned-in text). The whole overlay group goes, so no overlay is left
+            # with its description but without its data (invalid for the IOD).
+            ctx.note(path, t, ds.get_item(tag, keep_deferred=True).VR, "X (curve/overlay)")
             del ds[tag]
             ctx.counts.removed += 1
             continue
         if t == SPECIFIC_CHARSET or group == 0x0002:
             continue
-        code = rules.by_tag.get(t)
-        elem = ds[tag]
-        if code is None:
-            _unlisted(ds, elem, path, ctx)
+        ovs = rules.overrides_std.get(t)
+        if ovs:
+            ov = next((o for o in ovs if o.within is None or o.within == path), None)
+            if ov is not None:
+                _override(ds, ds[tag], ov, path, ctx)
+                continue
+        codes = rules.by_tag.get(t)
+        if codes is None:
+            if (rules.allowlist is not None and t not in rules.allowlist and path == ()
+                    and _TYPE_RANK.get(ctx.iod.get((t,)), 9) > 3):
+                # not on the allowlist and not required (type 1/2) by the object's IOD
+                ctx.note(path, t, ds.get_item(tag, keep_deferred=True).VR, "X (not on allowlist)", ds)
+                del ds[tag]
+                ctx.counts.removed += 1
+                continue
+            _unlisted(ds, ds[tag], path, ctx, cleaning)
             continue
+        code, basic = codes
+        elem = ds[tag]
         action = _resolve(code, path + (t,), ctx)
+        if action == "C" and not _cleanable(elem, ctx):
+            action = _resolve(basic, path + (t,), ctx)  # cannot clean this value: Basic applies
         _apply(ds, elem, action, path, ctx)
 
 
-def _kept_private_tags(ds: Dataset, rules: Rules) -> frozenset:
-    """Private elements on the safe list, found through each creator's actual block."""
-    keep = set()
+def _cleanable(elem: DataElement, ctx: _Ctx) -> bool:
+    vr = elem.VR
+    if vr in ("DA", "DT", "TM"):
+        return ctx.rules.shift_dates
+    return vr == "SQ" or vr in _TEXT_VRS or vr == "PN"
+
+
+def _private_creators(ds: Dataset) -> dict:
     creators = {}
     for tag in ds.keys():
         t = int(tag)
@@ -243,6 +309,25 @@ def _kept_private_tags(ds: Dataset, rules: Rules) -> frozenset:
             if isinstance(val, bytes):
                 val = val.decode("latin-1", "replace")
             creators[(g, e)] = str(val or "").strip().lower()
+    return creators
+
+
+def _private_override(t: int, creators: dict, path: tuple, rules: Rules):
+    if not rules.overrides_private:
+        return None
+    g, e = t >> 16, t & 0xFFFF
+    if e < 0x1000:
+        return None
+    creator = creators.get((g, e >> 8))
+    for o in rules.overrides_private.get((creator, g, e & 0xFF), ()) if creator else ():
+        if o.within is None or o.within == path:
+            return o
+    return None
+
+
+def _kept_private_tags(ds: Dataset, rules: Rules, creators: dict) -> frozenset:
+    """Private elements on the safe list, found through each creator's actual block."""
+    keep = set()
     for tag in ds.keys():
         t = int(tag)
         g, e = t >> 16, t & 0xFFFF
@@ -256,6 +341,11 @@ def _kept_private_tags(ds: Dataset, rules: Rules) -> frozenset:
 
 
 def _resolve(code: str, path: tuple, ctx: _Ctx) -> str:
+    if code.endswith("U*"):
+        # X/Z/U* (sequences of references): keep the structure with every UID remapped by
+        # the keyed derivation. Allowed by the code, and unlike X it keeps references
+        # between objects (SEG -> CT, RT -> images) intact and the IOD's cross-checks valid.
+        return "U"
     code = code.replace("*", "")
     choices = code.split("/")
     if len(choices) == 1:
@@ -276,8 +366,8 @@ def _resolve(code: str, path: tuple, ctx: _Ctx) -> str:
 
 
 def _apply(ds: Dataset, elem: DataElement, action: str, path: tuple, ctx: _Ctx) -> None:
-    t = int(elem.tag)
     c = ctx.counts
+    ctx.note(path, elem.tag, elem.VR, action, ds)
     if action == "X":
         del ds[elem.tag]
         c.removed += 1
@@ -290,7 +380,7 @@ def _apply(ds: Dataset, elem: DataElement, action: str, path: tuple, ctx: _Ctx) 
             _recurse(elem, path, ctx)
     elif action == "U":
         if elem.VR == "SQ":
-            _recurse(elem, path, ctx)
+            _recurse(elem, path, ctx, cleaning=True)
             c.replaced += 1
         elif ctx.rules.retain_uids:
             c.kept += 1
@@ -299,45 +389,120 @@ def _apply(ds: Dataset, elem: DataElement, action: str, path: tuple, ctx: _Ctx) 
             c.replaced += 1
     elif action == "D":
         if elem.VR == "SQ":
-            _recurse(elem, path, ctx)
+            # D on a sequence: keep the items, but every value inside that the table does not
+            # name is treated as content to clean (text rid of identifiers, names emptied)
+            _recurse(elem, path, ctx, cleaning=True)
             c.replaced += 1
         else:
             _dummy(elem, ctx)
             c.replaced += 1
     elif action == "C":
-        if elem.VR in ("DA", "DT") and ctx.rules.shift_dates:
-            _shift(elem, ctx.mapping.date_offset_days)
-            c.cleaned += 1
-        elif elem.VR == "SQ":
-            _recurse(elem, path, ctx)
-            c.cleaned += 1
-        elif elem.VR == "TM" and ctx.rules.shift_dates:
-            c.kept += 1  # times are kept with modified dates (intervals preserved)
-        else:  # fail safe: an unsupported clean removes
-            del ds[elem.tag]
-            c.removed += 1
+        _clean(elem, path, ctx)
+        c.cleaned += 1
     else:  # unknown code: fail safe
         del ds[elem.tag]
         c.removed += 1
-    del t
 
 
-def _recurse(elem: DataElement, path: tuple, ctx: _Ctx) -> None:
+def _clean(elem: DataElement, path: tuple, ctx: _Ctx) -> None:
+    """C: dates shifted (times kept, intervals preserved); free text rid of identifiers;
+    person names emptied; sequences recursed with every text value inside cleaned."""
+    vr = elem.VR
+    if vr in ("DA", "DT"):
+        _shift(elem, ctx.mapping.date_offset_days)
+    elif vr == "TM":
+        pass
+    elif vr == "SQ":
+        for item in elem.value or ():
+            _walk(item, path + (int(elem.tag),), ctx, cleaning=True)
+    elif vr == "PN":
+        elem.value = ""  # a role placeholder would need the role; never the patient's pseudonym
+    elif vr in _TEXT_VRS:
+        _clean_text(elem, ctx)
+
+
+def _clean_text(elem: DataElement, ctx: _Ctx) -> None:
+    v = elem.value
+    if v is None or v == "":
+        return
+    limit = _TEXT_VRS.get(elem.VR)
+    cleaner = ctx.cleaner()
+
+    def one(x):
+        out, _n = cleaner.clean(str(x))
+        return out[:limit] if limit else out
+
+    if isinstance(v, (list, tuple)) or (hasattr(v, "__iter__") and not isinstance(v, (str, bytes))):
+        elem.value = [one(x) for x in v]
+    else:
+        if isinstance(v, bytes):
+            v = v.decode("latin-1", "replace")
+        elem.value = one(v)
+
+
+def _override(ds: Dataset, elem: DataElement, ov, path: tuple, ctx: _Ctx) -> None:
+    """A policy's per-attribute override: keep, remove, empty, replace, hash, shift."""
+    c = ctx.counts
+    ctx.note(path, elem.tag, elem.VR, f"override:{ov.action}", ds)
+    a = ov.action
+    if a == "keep":
+        c.kept += 1
+        if elem.VR == "SQ":
+            _recurse(elem, path, ctx)
+    elif a == "remove":
+        del ds[elem.tag]
+        c.removed += 1
+    elif a == "empty":
+        elem.value = Sequence() if elem.VR == "SQ" else ("" if elem.VR not in _NUMERIC_ZERO else None)
+        c.emptied += 1
+    elif a == "replace":
+        elem.value = ov.value
+        c.replaced += 1
+    elif a == "hash":
+        if elem.VR == "UI":
+            _remap_uid(elem, ctx)
+        else:
+            raw = elem.value
+            text = raw.decode("latin-1") if isinstance(raw, bytes) else str(raw if raw is not None else "")
+            limit = {"SH": 16, "AE": 16, "CS": 16}.get(elem.VR, 64)
+            digest = ctx.deriver.mac("override-hash", f"{int(elem.tag):08X}\x1f{text}").hex().upper()
+            elem.value = digest[:limit]
+        c.replaced += 1
+    elif a == "shift":
+        if elem.VR in ("DA", "DT"):
+            _shift(elem, ctx.mapping.date_offset_days)
+            c.cleaned += 1
+        else:
+            del ds[elem.tag]  # a shift of a non-date cannot be honoured safely
+            c.removed += 1
+
+
+def _recurse(elem: DataElement, path: tuple, ctx: _Ctx, cleaning: bool = False) -> None:
     for item in elem.value or ():
-        _walk(item, path + (int(elem.tag),), ctx)
+        _walk(item, path + (int(elem.tag),), ctx, cleaning)
 
 
-def _unlisted(ds: Dataset, elem: DataElement, path: tuple, ctx: _Ctx) -> None:
+def _unlisted(ds: Dataset, elem: DataElement, path: tuple, ctx: _Ctx, cleaning: bool = False) -> None:
     if elem.VR == "SQ":
-        _recurse(elem, path, ctx)
+        ctx.note(path, elem.tag, elem.VR, "K")
+        for item in elem.value or ():
+            _walk(item, path + (int(elem.tag),), ctx, cleaning)
         ctx.counts.kept += 1
         return
     if elem.VR == "UI" and not ctx.rules.retain_uids and int(elem.tag) != SOP_CLASS_UID:
         before = elem.value
         _remap_uid(elem, ctx)
         if elem.value != before:
+            ctx.note(path, elem.tag, elem.VR, "U (unlisted UID)")  # value already replaced
             ctx.counts.replaced += 1
             return
+    if cleaning and (elem.VR in _TEXT_VRS or elem.VR == "PN"):
+        # inside a structure being cleaned (C on a sequence): clean every text value
+        ctx.note(path, elem.tag, elem.VR, "C (in cleaned sequence)", ds)
+        _clean(elem, path, ctx)
+        ctx.counts.cleaned += 1
+        return
+    ctx.note(path, elem.tag, elem.VR, "K", ds)
     ctx.counts.kept += 1
 
 
@@ -448,8 +613,9 @@ def effective_actions(pol: Policy) -> list[dict]:
     for row in standard.load_table():
         code = row.action(opts)
         note = ""
-        if code.startswith("C") and not _can_clean(row, opts):
-            code, note = row.basic, "option C not applied yet: basic action"
+        if code == "C":
+            note = ("dates shifted per patient, times kept; " if "rtn_long_modified_dates" in opts else "") + \
+                "text cleaned of identifiers; where a value cannot be cleaned the basic action applies"
         if row.tag in ("(0010,0010)", "(0010,0020)"):
             note = "replaced by the keyed pseudonym"
         elif "U" in code and "rtn_uids" not in opts:

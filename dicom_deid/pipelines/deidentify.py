@@ -23,19 +23,23 @@ from typing import Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions, WorkerOptions,
-                                                  StandardOptions)
+from apache_beam.options.pipeline_options import (DebugOptions, DirectOptions, PipelineOptions,
+                                                  WorkerOptions, StandardOptions)
 
 from .. import summary as summary_mod
 from ..options import RunConfig
 from ..transforms.attachments import CleanAttachments
 from ..transforms.common import DEAD_LETTER, MAIN, OUTCOME
+from ..pseudonyms import Settings as PseudonymSettings
 from ..transforms.pixels import CleanPixels
+from ..transforms.pseudonyms import MAP as PSEUDONYM_MAP, BuildPseudonymMap, ScanHeaders
 from ..transforms.read import MatchInputs, ReadDicom
 from ..transforms.sinks import WriteDeadLetters, WriteLinkage, WriteManifest
 from ..transforms.tags import DeidentifyTags
 from ..transforms.verify import VerifyNoPHI
-from ..transforms.write import LINKAGE, WriteDicom
+from ..transforms.write import LINKAGE, OUTCOME_PARTS, WriteDicom
+from ..transforms import incremental
+from .. import storage
 
 log = logging.getLogger("dicom_deid")
 LOCAL_RUNNER = "FnApiRunner"
@@ -56,7 +60,32 @@ def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
             opts.view_as(WorkerOptions).default_sdk_harness_log_level = "WARNING"
         if direct.direct_running_mode in (None, "in_memory") and "--direct_running_mode" not in " ".join(beam_args):
             direct.direct_running_mode = "multi_processing"
+    elif is_portable_runner(opts):
+        fuse_in_sdk(opts)
     return opts
+
+
+#: runners that hand the pipeline to a Beam job server (Flink, Spark, any --job_endpoint)
+PORTABLE_RUNNERS = frozenset({"flink", "spark", "portable"})
+
+
+def is_portable_runner(opts: PipelineOptions) -> bool:
+    name = str(opts.view_as(StandardOptions).runner or "").rsplit(".", 1)[-1].lower()
+    return name.removesuffix("runner") in PORTABLE_RUNNERS
+
+
+def fuse_in_sdk(opts: PipelineOptions) -> None:
+    """Fuse the graph in the Python SDK (``pre_optimize=all``), as the local runner does.
+
+    Otherwise the job server fuses it with Beam's Java GreedyPipelineFuser, which starts a new
+    stage at every ParDo that reads a side input (DeidentifyTags reads the pseudonym map): the
+    DicomObjects between ReadDicom and DeidentifyTags would have to be encoded across a stage
+    boundary, which InMemoryOnlyCoder refuses (seen on Flink). A job server runs a pipeline
+    that arrives fused as it is. An explicit ``--experiments=pre_optimize=...`` wins.
+    """
+    debug = opts.view_as(DebugOptions)
+    if debug.lookup_experiment("pre_optimize") is None:
+        debug.add_experiment("pre_optimize=all")
 
 
 def make_runner(opts: PipelineOptions):
@@ -74,18 +103,40 @@ def is_local_runner(opts: PipelineOptions) -> bool:
 def build(p: beam.Pipeline, cfg: RunConfig, progress_dir: Optional[str] = None, pseudonyms=None) -> dict:
     """Add the whole de-identification graph to ``p``; return its named PCollections."""
     run = cfg.run
-    if pseudonyms is None:
-        pseudonyms = p | "EmptyPseudonymMap" >> beam.Create([]).with_output_types(tuple[str, dict])
     refs = p | "MatchInputs" >> MatchInputs(cfg.inputs)
+    recovered = None
+    if cfg.incremental:  # skip what earlier runs finished; recover rows of interrupted runs
+        skipped = refs | "SkipFinished" >> incremental.SkipFinished(run, cfg.key_ref, cfg.policy.label)
+        refs, recovered = skipped[MAIN], skipped[OUTCOME]
+    require_entry = pseudonyms is None
+    if pseudonyms is None:
+        # stage 1: header scan -> pseudonym map (store, lookup table, exclusions; HMACs only)
+        scanned = refs | "ScanHeaders" >> ScanHeaders(cfg.key_ref, cfg.policy.person_key)
+        pseudonyms = (scanned | "BuildPseudonymMap" >> BuildPseudonymMap(
+            run, cfg.key_ref, PseudonymSettings.from_run_config(cfg)))[PSEUDONYM_MAP]
+    # barrier: reading starts once the map is complete, so ReadDicom and DeidentifyTags fuse
+    # into one stage after it (without it a runner would split them and try to encode the
+    # objects, which their coder refuses); only FileRefs are materialised in between
+    map_size = pseudonyms | "PseudonymMapSize" >> beam.combiners.Count.Globally()
+    refs = refs | "AfterPseudonymMap" >> beam.Map(lambda ref, _n: ref, beam.pvalue.AsSingleton(map_size))
     read = refs | "ReadDicom" >> ReadDicom(run, cfg.key_ref, cfg.max_input_bytes)
-    tagged = read[MAIN] | "DeidentifyTags" >> DeidentifyTags(run, cfg.policy, cfg.key_ref, pseudonyms)
+    tagged = read[MAIN] | "DeidentifyTags" >> DeidentifyTags(run, cfg.policy, cfg.key_ref, pseudonyms,
+                                                             require_entry=require_entry)
     pixels = tagged[MAIN] | "CleanPixels" >> CleanPixels(run, cfg.policy)
     attach = pixels[MAIN] | "CleanAttachments" >> CleanAttachments(run, cfg.policy)
     verified = attach[MAIN] | "VerifyNoPHI" >> VerifyNoPHI(run)
     written = verified[MAIN] | "WriteDicom" >> WriteDicom(run)
 
     stages = (read, tagged, pixels, attach, verified)
-    outcomes = ([s[OUTCOME] for s in stages] + [written[OUTCOME]]) | "AllOutcomes" >> beam.Flatten()
+    outcome_parts = [s[OUTCOME] for s in stages] + [written[OUTCOME]]
+    if cfg.incremental:
+        outcome_parts.append(recovered)
+        # recorded where each decision is made (before the Flatten), so it is durable early
+        incremental.record_all(
+            {**{f"Stage{i}": s[OUTCOME] for i, s in enumerate(stages)},
+             "Staged": written[OUTCOME_PARTS + "_staged"], "Committed": written[OUTCOME_PARTS + "_committed"],
+             "Recovered": recovered}, run, cfg.policy.label)
+    outcomes = outcome_parts | "AllOutcomes" >> beam.Flatten()
     dead = ([s[DEAD_LETTER] for s in stages] + [written[DEAD_LETTER]]) | "AllDeadLetters" >> beam.Flatten()
     manifest_files = outcomes | "WriteManifest" >> WriteManifest(run, progress_dir)
     dead_files = dead | "WriteDeadLetters" >> WriteDeadLetters(run)
@@ -96,7 +147,7 @@ def build(p: beam.Pipeline, cfg: RunConfig, progress_dir: Optional[str] = None, 
 
 def count_inputs(patterns) -> Optional[int]:
     try:
-        return sum(len(r.metadata_list) for r in FileSystems.match(list(patterns)))
+        return storage.count(patterns)  # streamed: no list of every name
     except Exception:
         return None
 
@@ -157,8 +208,8 @@ def cleanup_staging(cfg: RunConfig) -> None:
             parent = os.path.dirname(staging)
             if os.path.isdir(parent) and not os.listdir(parent):
                 os.rmdir(parent)
-        elif FileSystems.exists(staging + "/"):
-            FileSystems.delete([staging + "/"])
+        else:
+            storage.delete_prefix(staging)
     except Exception:  # leftover staging never affects published outputs
         log.warning("could not remove the staging prefix of run %s", cfg.run_id)
 
@@ -166,13 +217,25 @@ def cleanup_staging(cfg: RunConfig) -> None:
 def run(cfg: RunConfig, beam_args: Sequence[str] = (), stream=None) -> dict:
     """Run the pipeline to completion; return the run summary (also written as JSON)."""
     stream = stream or sys.stderr
-    opts = pipeline_options(beam_args)
+    # storage: workers import dicom_deid.storage at start-up (anonymous GCS against an
+    # emulator or with --no_auth, no credential search); the launcher uses the same options
+    opts = pipeline_options(list(beam_args) + storage.beam_plugin_args(beam_args))
+    FileSystems.set_options(opts)
+    storage.configure(opts)
     local = is_local_runner(opts)
     if cfg.policy.unapplied_options:
         print(f"note: policy {cfg.policy.label} names options this version cannot apply yet: "
               f"{', '.join(cfg.policy.unapplied_options)} (recorded per object; --strict refuses)",
               file=stream)
-    progress = Progress(count_inputs(cfg.inputs), stream) if (local and cfg.progress) else None
+    # a store built with another key is refused before anything runs (a new key is a new
+    # pseudonym space); a new store records this key's fingerprint
+    from .. import keys as keys_mod, pseudonyms as pseudonyms_mod
+    pseudonyms_mod.check_store(pseudonyms_mod.store_dir(cfg.private),
+                               keys_mod.Deriver(keys_mod.resolve(cfg.key_ref)).key_fingerprint())
+    progress = Progress(None, stream) if (local and cfg.progress) else None
+    if progress and not cfg.incremental:  # counted beside the run: listing never delays it
+        threading.Thread(target=lambda: setattr(progress, "total", count_inputs(cfg.inputs)),
+                         daemon=True).start()
     t0 = time.time()
     p = beam.Pipeline(runner=make_runner(opts), options=opts)
     build(p, cfg, progress.dir if progress else None)
@@ -187,7 +250,11 @@ def run(cfg: RunConfig, beam_args: Sequence[str] = (), stream=None) -> dict:
     summary = summary_mod.summarize(cfg, time.time() - t0, runner=type(p.runner).__name__,
                                     running_mode=opts.view_as(DirectOptions).direct_running_mode if local else None,
                                     num_workers=opts.view_as(DirectOptions).direct_num_workers if local else None)
+    if cfg.incremental:
+        summary["incremental"] = incremental.summary_counts(result)
     summary_mod.write(cfg, summary)
+    if cfg.incremental:  # the manifest is published: later runs need not recover its rows
+        incremental.mark_complete(cfg.run, summary)
     return summary
 
 

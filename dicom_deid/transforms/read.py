@@ -16,7 +16,7 @@ import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
-from .. import keys, manifest, reader
+from .. import incremental, keys, manifest, reader, storage
 from ..element import SKIPPED, InputRef, Outcome
 from ..errors import InputTooLarge
 from .common import object_pardo, DEAD_LETTER, MAIN, OUTCOME, TRANSIENT, counter, fail, tmp_dir
@@ -28,10 +28,17 @@ IN_MEMORY_MAX = 64 * 1024 * 1024
 class FileRef(NamedTuple):
     uri: str
     size: int
+    #: the store's version when listed (``gen:``/``etag:``/``mtime:``; see dicom_deid.storage)
+    version: str = ""
+    #: incremental runs: content fingerprint recorded when this input last finished
+    prior_fingerprint: str = ""
 
 
 class MatchInputs(beam.PTransform):
-    """File patterns (local, gs://, s3://; recursive globs) -> FileRef, then Reshuffle."""
+    """File patterns (local, gs://, s3://; recursive globs) -> FileRef, then Reshuffle.
+
+    Listing streams page by page (``storage.iter_objects``): names are emitted as pages
+    arrive, never collected into one list."""
 
     def __init__(self, patterns):
         super().__init__()
@@ -41,10 +48,22 @@ class MatchInputs(beam.PTransform):
         return (
             pbegin
             | "Patterns" >> beam.Create(self._patterns)
-            | "Match" >> fileio.MatchAll()
-            | "ToFileRef" >> beam.Map(lambda m: FileRef(m.path, int(m.size_in_bytes or 0)))
+            | "Match" >> beam.ParDo(_ListFn())
             | "FanOut" >> beam.Reshuffle()
         )
+
+
+class _ListFn(beam.DoFn):
+    """Pattern -> FileRef per matching object, streamed (no list of all names)."""
+
+    def setup(self):
+        self._listed = counter("read", "objects_listed")
+        self._retries = counter("storage", "retries")
+
+    def process(self, pattern: str):
+        for info in storage.iter_objects(pattern, on_retry=self._retries.inc):
+            self._listed.inc()
+            yield FileRef(info.uri, info.size, info.version)
 
 
 class ReadDicom(beam.PTransform):
@@ -69,6 +88,7 @@ class _ReadDicomFn(beam.DoFn):
         self._deriver = keys.Deriver(keys.resolve(self._key_ref))
         self._read = counter("read", "objects_read")
         self._bytes = counter("read", "bytes_read")
+        self._retries = counter("storage", "retries")
 
     def process(self, fref: FileRef):
         ref = InputRef(fref.uri, self._deriver.input_key(fref.uri), fref.size)
@@ -89,6 +109,9 @@ class _ReadDicomFn(beam.DoFn):
             return
         self._read.inc()
         self._bytes.inc(obj.facts.get("input_size") or 0)
+        if fref.prior_fingerprint and not obj.facts.get("reason"):
+            # incremental run: this input finished before; say whether its content changed
+            obj.facts["reason"] = incremental.change_reason(fref.prior_fingerprint, obj.fingerprint)
         if obj.facts.get("reason") == "dicomdir":
             # directory records hold names and paths: never copied
             row = manifest.row(self._run, ref.input_key, SKIPPED, stage="read", reason="dicomdir",
@@ -108,32 +131,10 @@ class _ReadDicomFn(beam.DoFn):
                 pass
 
     def _fetch(self, fref: FileRef):
-        """Bytes in memory for small objects; a local temp file for large ones."""
-        uri = fref.uri
-        if "://" not in uri and fref.size <= IN_MEMORY_MAX:
-            with open(uri, "rb") as f:
-                data = f.read(self._max + 1)
-            if len(data) > self._max:
-                raise InputTooLarge()
-            return data, None, hashlib.sha256(data).hexdigest()
-        h = hashlib.sha256()
-        with FileSystems.open(uri, compression_type="uncompressed") as src:
-            if fref.size <= IN_MEMORY_MAX:
-                data = src.read()
-                h.update(data)
-                return data, None, h.hexdigest()
-            fd, path = tempfile.mkstemp(prefix="dicom-deid-", suffix=".dcm", dir=tmp_dir())
-            total = 0
-            with os.fdopen(fd, "wb") as dst:
-                while True:
-                    chunk = src.read(8 << 20)
-                    if not chunk:
-                        break
-                    total += len(chunk)
-                    if total > self._max:
-                        dst.close()
-                        os.unlink(path)
-                        raise InputTooLarge()
-                    h.update(chunk)
-                    dst.write(chunk)
-        return None, path, h.hexdigest()
+        """Bytes in memory for small objects; a local temp file for large ones (ranged,
+        retried chunks; 403/404 raise storage.AccessDenied/ObjectNotFound: dead letters)."""
+        try:
+            return storage.fetch(fref.uri, fref.size, self._max, IN_MEMORY_MAX, tmp_dir(),
+                                 on_retry=self._retries.inc)
+        except storage.TooLarge:
+            raise InputTooLarge() from None

@@ -7,6 +7,8 @@ import apache_beam as beam
 
 from .. import keys, tags
 from ..policy import Policy
+from ..pseudonyms import original_person_ids
+from .pseudonyms import route_by_map
 from .common import object_pardo, DEAD_LETTER, MAIN, OUTCOME, ObjectStageFn, counter
 
 
@@ -18,13 +20,16 @@ class DeidentifyTags(beam.PTransform):
     derivation. Keys are HMACs: no plaintext identifier is ever broadcast.
     """
 
-    def __init__(self, run, policy: Policy, key_ref: keys.KeyRef, pseudonyms):
+    def __init__(self, run, policy: Policy, key_ref: keys.KeyRef, pseudonyms, require_entry: bool = False):
         super().__init__()
         self._run, self._policy, self._key_ref, self._pseudonyms = run, policy, key_ref, pseudonyms
+        #: True when the map was built for this run (BuildPseudonymMap): an object without
+        #: an entry is quarantined (pseudonym_missing), never given a derived pseudonym
+        self._require_entry = require_entry
 
     def expand(self, objects):
         return objects | "ApplyTagRules" >> object_pardo(
-            _DeidentifyTagsFn(self._run, self._policy, self._key_ref),
+            _DeidentifyTagsFn(self._run, self._policy, self._key_ref, self._require_entry),
             pseudonyms=beam.pvalue.AsMultiMap(self._pseudonyms),
         ).with_outputs(OUTCOME, DEAD_LETTER, main=MAIN)
 
@@ -33,19 +38,26 @@ class _DeidentifyTagsFn(ObjectStageFn):
     stage = "tags"
     module = "tags"
 
-    def __init__(self, run, policy, key_ref):
+    def __init__(self, run, policy, key_ref, require_entry=False):
         super().__init__(run)
         self._policy, self._key_ref = policy, key_ref
+        self._require_entry = require_entry
 
     def setup(self):
         self._rules = tags.compile_rules(self._policy, keys.resolve(self._key_ref))
         self._done = counter("tags", "objects_deidentified")
 
     def handle(self, obj, pseudonyms):
-        obj.patient_key = tags.patient_key_of(obj.dataset, self._rules.deriver)
+        mode = getattr(self._policy, "person_key", "patient_id")
+        obj.patient_key = tags.patient_key_of(obj.dataset, self._rules.deriver, mode)
         # a lookup returns an iterable of the key's values (a list in-process, a state-backed
         # iterable on portable runners): take the first, never index it
         entry = next(iter(pseudonyms[obj.patient_key]), None)
+        routed = route_by_map(self._run, obj, entry, self._require_entry)  # excluded / quarantined
+        if routed is not None:
+            yield routed
+            return
+        obj.private.update(original_person_ids(obj.dataset, mode))  # private linkage only
         tags.deidentify(obj, self._rules, entry)
         self._done.inc()
         yield obj

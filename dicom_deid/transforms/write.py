@@ -21,11 +21,12 @@ import os
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from .. import manifest, writer
+from .. import manifest, storage, writer
 from ..element import DUPLICATE, OK, QUARANTINED, Outcome
 from .common import DEAD_LETTER, MAIN, OUTCOME, TRANSIENT, ObjectStageFn, counter, fail
 
 LINKAGE = "linkage"
+OUTCOME_PARTS = "outcome_parts"
 SOP_UID_CONFLICT = "sop_uid_conflict"
 
 
@@ -47,8 +48,7 @@ def write_bytes(uri: str, data: bytes) -> None:
             f.write(data)
         os.replace(tmp, path)
         return
-    with FileSystems.create(uri, mime_type="application/dicom") as f:
-        f.write(data)
+    storage.write_bytes(uri, data, content_type="application/dicom")  # one upload: atomic
 
 
 def read_sha256(uri: str):
@@ -59,13 +59,7 @@ def read_sha256(uri: str):
                 return hashlib.file_digest(f, "sha256").hexdigest()
         except FileNotFoundError:
             return None
-    if not FileSystems.exists(uri):
-        return None
-    h = hashlib.sha256()
-    with FileSystems.open(uri, compression_type="uncompressed") as f:
-        for chunk in iter(lambda: f.read(8 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return storage.sha256_of(uri)
 
 
 def publish(staged: str, final: str) -> None:
@@ -74,8 +68,8 @@ def publish(staged: str, final: str) -> None:
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         os.replace(_local(staged), dst)
         return
-    FileSystems.copy([staged], [final])
-    FileSystems.delete([staged])
+    storage.copy(staged, final)  # server-side copy: the final object appears atomically
+    storage.delete(staged)
 
 
 def discard(staged: str) -> None:
@@ -83,7 +77,7 @@ def discard(staged: str) -> None:
         if _is_local(staged):
             os.unlink(_local(staged))
         else:
-            FileSystems.delete([staged])
+            storage.delete(staged)
     except (FileNotFoundError, OSError):
         pass
 
@@ -104,7 +98,10 @@ class WriteDicom(beam.PTransform):
             | "Commit" >> beam.ParDo(_CommitFn(self._run))
         )
         outcomes = (staged[OUTCOME], committed) | "Outcomes" >> beam.Flatten()
-        return {OUTCOME: outcomes, DEAD_LETTER: staged[DEAD_LETTER], LINKAGE: staged[LINKAGE]}
+        # OUTCOME_PARTS: the producers of ``outcomes`` before the Flatten, for consumers that
+        # must fuse with them (the incremental record is written as commits happen)
+        return {OUTCOME: outcomes, DEAD_LETTER: staged[DEAD_LETTER], LINKAGE: staged[LINKAGE],
+                OUTCOME_PARTS + "_staged": staged[OUTCOME], OUTCOME_PARTS + "_committed": committed}
 
 
 class _StageFn(ObjectStageFn):
@@ -131,6 +128,8 @@ class _StageFn(ObjectStageFn):
         link = manifest.linkage_row(
             self._run.run_id, input_key=obj.ref.input_key, input_uri=obj.ref.uri,
             patient_key_hmac=p.get("patient_key_hmac"), original_patient_id=p.get("original_patient_id"),
+            original_issuer=p.get("original_issuer"), original_nhs_number=p.get("original_nhs_number"),
+            person_key_kind=p.get("person_key_kind"),
             pseudo_patient_id=p.get("pseudo_patient_id"),
             original_study_uid=p.get("original_study_uid"), study_uid=f.get("study_uid"),
             original_series_uid=p.get("original_series_uid"), series_uid=f.get("series_uid"),

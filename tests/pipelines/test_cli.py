@@ -61,3 +61,19 @@ def test_main_reports_config_errors(tmp_path, capsys):
     rc = cli.main(["run", "--input", str(tmp_path), "--output", str(tmp_path / "o"),
                    "--private", str(tmp_path / "o" / "p")])
     assert rc == 2 and "separate" in capsys.readouterr().err
+
+
+def test_inspect_hides_values_unless_asked(tmp_path, key_file, capsys):
+    import pydicom
+    from tests.conftest import CORPUS
+    ds = pydicom.dcmread(CORPUS / "dcm_qa_ts" / "1.dcm")
+    ds.PatientName = "FENWICKSHAW^ISOLDE"
+    f = tmp_path / "x.dcm"
+    ds.save_as(f)
+    assert cli.main(["inspect", str(f), "--key", str(key_file)]) == 0
+    out = capsys.readouterr()
+    assert "FENWICKSHAW" not in out.out + out.err
+    assert "PatientBirthDate" in out.out and "removed=" in out.out
+    assert cli.main(["inspect", str(f), "--key", str(key_file), "--policy", "research", "--show-values"]) == 0
+    out = capsys.readouterr()
+    assert "PHI" in out.err and "StudyDate" in out.out

@@ -25,7 +25,7 @@ def test_generated_policy_tables_match_code():
     """docs/policy-*.md are `dicom-deid policy show --format markdown` output; regenerate
     them when the rules change (the command is in the README)."""
     from dicom_deid import cli
-    for name in ("basic", "research"):
+    for name in ("basic", "research", "allowlist"):
         text = (REPO / "docs" / f"policy-{name}.md").read_text()
         assert text.rstrip("\n") == cli.policy_table(name, "markdown")
         assert text.count("\n| (") >= 657
@@ -38,4 +38,4 @@ def test_policy_show_resolves_known_rows():
     assert basic["(0008,0050)"]["action"] == "Z"
     research = {r["tag"]: r for r in tags.effective_actions(policy.load("research"))}
     assert research["(0008,0020)"]["action"] == "C"                 # study date shifted
-    assert research["(0008,1030)"]["action"] == research["(0008,1030)"]["basic"]  # descriptor: not cleaned yet
+    assert research["(0008,1030)"]["action"] == "C"                 # study description cleaned

@@ -117,9 +117,10 @@ def test_uids_remapped_consistently_everywhere():
     assert ds.SOPInstanceUID == d.uid("1.2.826.0.1.3680043.9.7.1.1")
     assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
     assert ds.SOPClassUID == CT and ds.file_meta.MediaStorageSOPClassUID == CT
-    # Referenced Image Sequence is X/Z/U*: type 3 in CT, so it is removed altogether;
-    # the request's referenced study keeps its reference, remapped like the study itself
-    assert "ReferencedImageSequence" not in ds
+    # Referenced Image Sequence is X/Z/U*: kept with every UID remapped, so references
+    # between objects stay consistent; the planted text inside is cleaned
+    assert ds.ReferencedImageSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
+    assert ds.ReferencedImageSequence[0].ReferencedSOPClassUID == CT
     if "RequestAttributesSequence" in ds:
         for item in ds.RequestAttributesSequence:
             for ref in item.get("ReferencedStudySequence", []):
@@ -150,8 +151,63 @@ def test_research_shifts_dates_keeping_intervals_and_keeps_characteristics():
     codes = [c.CodeValue for c in ds.DeidentificationMethodCodeSequence]
     assert "113107" in codes and "113108" in codes
     # options this version cannot apply are not claimed
-    assert "113105" not in codes and "113101" not in codes
-    assert "clean_descriptors" in obj.facts["options_not_applied"]
+    assert "113105" in codes and "113101" not in codes
+    assert obj.facts["options_not_applied"] == ["clean_pixel_data"]
+
+
+def test_clean_descriptors_keep_clinical_words():
+    ds = ct_dataset()
+    ds.StudyDescription = "CT CHEST Quimbley follow-up"
+    ds.ImageComments = "Zaraphine Quimbley, NHS 943 476 5919, scanned 01/03/2024, call 01632 960123"
+    ds.add_new(0x00081080, "LO", ["PNEUMONIA QUIMBLEY", "COPD"])  # AdmittingDiagnosesDescription
+    obj, out = deid(to_bytes(ds), "research")
+    res = pydicom.dcmread(io.BytesIO(out))
+    assert res.StudyDescription == "CT CHEST [NAME] follow-up"
+    comments = res.ImageComments
+    assert "[NAME]" in comments and "[NHS]" in comments and "[DATE]" in comments and "[PHONE]" in comments
+    assert "QUIMBLEY" not in comments.upper() and "9434765919" not in comments.replace(" ", "")
+    assert list(res.AdmittingDiagnosesDescription) == ["PNEUMONIA [NAME]", "COPD"]
+    assert b"QUIMBLEY" not in out.upper()
+
+
+def test_overrides_keyword_path_private_and_allowlist(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("""schema: 1
+name: custom
+version: "2"
+overrides:
+  - {attribute: StudyDescription, action: replace, value: "RESEARCH STUDY"}
+  - {attribute: RequestAttributesSequence, action: keep}
+  - {attribute: AccessionNumber, within: [RequestAttributesSequence], action: hash}
+  - {attribute: Manufacturer, action: remove}
+  - {private: {creator: DEIDTEST PRIVATE, group: "0x0019", element: "0x01"}, action: empty}
+""")
+    pol = policy.load(str(f))
+    obj = parse(to_bytes(ct_dataset()))
+    tags.deidentify(obj, tags.compile_rules(pol, KEY))
+    ds = obj.dataset
+    assert ds.StudyDescription == "RESEARCH STUDY" and "Manufacturer" not in ds
+    hashed = ds.RequestAttributesSequence[0].AccessionNumber
+    assert hashed and hashed != "ACC77120" and ds.AccessionNumber == ""   # top level: profile Z
+    assert ds[0x00194001].value == "" and ds[0x00190040].value == "DEIDTEST PRIVATE"  # relocated block found
+    allow = tmp_path / "a.yaml"
+    allow.write_text("schema: 1\nname: a\nversion: 1\nmode: allowlist\nallowlist: [Modality, SliceThickness]\n")
+    src = ct_dataset()
+    src.ConvolutionKernel = "STANDARD"   # type 3 in CT, not on this allowlist -> removed
+    obj = parse(to_bytes(src))
+    tags.deidentify(obj, tags.compile_rules(policy.load(str(allow)), KEY))
+    assert "ConvolutionKernel" not in obj.dataset and obj.dataset.SliceThickness == 1.25
+    assert obj.dataset.Manufacturer == "ACME"  # type 2 in the CT IOD: required, so kept
+
+
+def test_inspect_log_records_every_decision():
+    obj = parse(to_bytes(ct_dataset()))
+    log = []
+    tags.deidentify(obj, tags.compile_rules(policy.load("basic"), KEY), log=log)
+    actions = {(path, tag): act for path, tag, _vr, act, _value in log}
+    assert all(value is None for *_rest, value in log)  # values only with show_values
+    assert actions[((), 0x00081030)] == "X" and actions[((), 0x00080020)] == "Z"
+    assert actions[((), 0x00194001)] == "X (private)"
 
 
 def test_safe_private_kept_through_relocated_block():

@@ -1,0 +1,770 @@
+"""Object storage I/O: ``gs://``, ``s3://`` and local paths, without Beam transforms.
+
+What the pipeline needs from a store, done the same way on every scheme:
+
+* :func:`iter_objects` lists a Beam file pattern (``*``, ``**``, ``?``, ``[...]``) page by
+  page as :class:`ObjectInfo` (URI, size, the store's version: GCS generation, S3 ETag,
+  else size and mtime). Nothing is collected: 100,000 names are never held in a list.
+* :func:`fetch` reads a whole object, small ones into memory, large ones streamed to a local
+  temp file in ranged chunks (each chunk retried on its own, so a dropped connection costs
+  one chunk, not the object); :func:`read_head` reads only the first bytes.
+* :func:`write_bytes` is one upload (atomic on object stores; local: temp name + rename);
+  :func:`copy` is a server-side copy, atomic at its destination.
+
+Errors are split once, here (:func:`classify`):
+
+* **transient** (HTTP 408/429/5xx, dropped connections, timeouts) are retried with
+  exponential backoff and jitter; when retries run out :class:`~dicom_deid.errors.StorageError`
+  propagates so the runner retries the bundle;
+* **permanent for one object**: 404 -> :class:`ObjectNotFound`, 401/403 ->
+  :class:`AccessDenied`, anything else the store refuses -> :class:`StorageRefused`. They are
+  :class:`~dicom_deid.errors.DeidError` subclasses: a dead letter for that object only.
+
+Messages never carry a URI or a store's message (object names may contain names): every
+exception raised from here has fixed text and no chained cause.
+
+Clients are built per process from the Beam pipeline options the worker was given
+(``FileSystems`` options): ``--s3_endpoint_url``, ``--s3_region_name``,
+``--s3_access_key_id``... for S3 (else boto3's usual environment chain). For GCS,
+``STORAGE_EMULATOR_HOST`` (an emulator) or Beam's ``--no_auth`` mean *anonymous*: neither
+our client nor Beam's own ``GcsIO`` then looks for default credentials (which, on a machine
+without any, costs ~20 s of retries per worker process). :func:`configure` applies that to
+Beam's credential cache; this module is also imported by every worker at start-up through
+``--beam_plugins`` (see :func:`beam_plugin_args`), so Beam's sinks benefit too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import random
+import re
+import tempfile
+import threading
+import time
+from typing import Callable, Iterator, Optional
+
+from .errors import DeidError, StorageError
+
+log = logging.getLogger("dicom_deid.storage")
+
+#: read in one request up to this size; larger objects are read in chunks of this size
+CHUNK = 8 * 1024 * 1024
+#: retries of one transient failure (then StorageError); backoff doubles from BACKOFF seconds
+RETRIES = int(os.environ.get("DICOM_DEID_STORAGE_RETRIES", "6"))
+BACKOFF = float(os.environ.get("DICOM_DEID_STORAGE_BACKOFF", "0.5"))
+MAX_BACKOFF = 20.0
+LIST_PAGE = 1000
+
+
+# --- errors ------------------------------------------------------------------------------
+class ObjectNotFound(DeidError):
+    description = "object not found in storage (404)"
+
+
+class AccessDenied(DeidError):
+    description = "access to the object denied by storage (401/403)"
+
+
+class StorageRefused(DeidError):
+    description = "storage refused the request for this object"
+
+
+TRANSIENT, NOT_FOUND, DENIED, PERMANENT = "transient", "not_found", "denied", "permanent"
+_TRANSIENT_CODES = {"RequestTimeout", "RequestTimeoutException", "SlowDown", "Throttling",
+                    "ThrottlingException", "InternalError", "ServiceUnavailable",
+                    "RequestLimitExceeded", "TooManyRequests", "BadDigest", "IncompleteBody"}
+_NOT_FOUND_CODES = {"NoSuchKey", "NotFound", "NoSuchBucket", "404", "NoSuchVersion"}
+_DENIED_CODES = {"AccessDenied", "Forbidden", "403", "401", "InvalidAccessKeyId",
+                 "SignatureDoesNotMatch", "AllAccessDisabled", "AccountProblem"}
+
+
+def _status_kind(code) -> Optional[str]:
+    try:
+        code = int(code)
+    except (TypeError, ValueError):
+        return None
+    if code == 404 or code == 410:
+        return NOT_FOUND
+    if code in (401, 403):
+        return DENIED
+    if code in (408, 429) or 500 <= code <= 599:
+        return TRANSIENT
+    if 400 <= code < 500:
+        return PERMANENT
+    return None
+
+
+def classify(exc: BaseException) -> str:
+    """``transient``, ``not_found``, ``denied`` or ``permanent`` for a storage exception."""
+    if isinstance(exc, StorageError):
+        return TRANSIENT
+    if isinstance(exc, ObjectNotFound):
+        return NOT_FOUND
+    if isinstance(exc, AccessDenied):
+        return DENIED
+    if isinstance(exc, DeidError):
+        return PERMANENT
+    mod = type(exc).__module__ or ""
+    name = type(exc).__name__
+    # Beam wraps per-path errors
+    details = getattr(exc, "exception_details", None)
+    if isinstance(details, dict) and details:
+        kinds = [classify(e) for e in details.values() if isinstance(e, BaseException)]
+        for k in (TRANSIENT, DENIED, NOT_FOUND, PERMANENT):
+            if k in kinds:
+                return k
+    # google-api-core / google-cloud-storage
+    if mod.startswith("google.api_core"):
+        if name == "RetryError":
+            return TRANSIENT
+        kind = _status_kind(getattr(exc, "code", None))
+        if kind:
+            return kind
+    if mod.startswith("google.auth") and name in ("TransportError", "RefreshError"):
+        return TRANSIENT if name == "TransportError" else DENIED
+    if mod.startswith(("google.resumable_media", "google.cloud.storage")):
+        if name == "InvalidResponse":
+            resp = exc.args[0] if exc.args else None
+            kind = _status_kind(getattr(resp, "status_code", None))
+            return kind or TRANSIENT
+        if name == "DataCorruption":
+            return TRANSIENT
+    # botocore / boto3
+    if mod.startswith("botocore"):
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict):
+            err = (response.get("Error") or {}).get("Code")
+            if err in _NOT_FOUND_CODES:
+                return NOT_FOUND
+            if err in _DENIED_CODES:
+                return DENIED
+            if err in _TRANSIENT_CODES:
+                return TRANSIENT
+            kind = _status_kind((response.get("ResponseMetadata") or {}).get("HTTPStatusCode"))
+            return kind or PERMANENT
+        # ConnectionError family, ReadTimeoutError, IncompleteReadError, ResponseStreamingError
+        return TRANSIENT if name not in ("NoCredentialsError", "ParamValidationError",
+                                         "UnknownServiceError", "NoRegionError") else PERMANENT
+    # Beam's S3 client
+    if name == "S3ClientError":
+        return _status_kind(getattr(exc, "code", None)) or TRANSIENT
+    # HTTP stacks (requests, urllib3, http.client)
+    if mod.startswith(("requests", "urllib3", "http.client")):
+        return TRANSIENT
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return TRANSIENT
+    if isinstance(exc, FileNotFoundError):
+        return NOT_FOUND
+    if isinstance(exc, PermissionError):
+        return DENIED
+    return PERMANENT
+
+
+def _translate(kind: str) -> Exception:
+    return {TRANSIENT: StorageError("transient storage error: retries exhausted"),
+            NOT_FOUND: ObjectNotFound(), DENIED: AccessDenied()}.get(kind, StorageRefused())
+
+
+class _Stats:
+    """Per-process counts (read by the transforms for their counters and by benchmarks)."""
+
+    def __init__(self):
+        self.retries = 0
+        self.requests = 0
+
+
+stats = _Stats()
+
+
+def with_retries(op: Callable, retries: Optional[int] = None,
+                 on_retry: Optional[Callable[[], None]] = None):
+    """Run ``op()``; retry transient failures with backoff; translate every failure into a
+    fixed-text exception (StorageError, ObjectNotFound, AccessDenied, StorageRefused)."""
+    retries = RETRIES if retries is None else retries
+    delay = BACKOFF
+    attempt = 0
+    while True:
+        try:
+            stats.requests += 1
+            return op()
+        except Exception as exc:  # noqa: BLE001 - classified below
+            kind = classify(exc)
+            if kind == TRANSIENT and attempt < retries:
+                attempt += 1
+                stats.retries += 1
+                if on_retry is not None:
+                    on_retry()
+                time.sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, MAX_BACKOFF)
+                continue
+            err = _translate(kind)
+        raise err  # outside the except block: no chained context carrying the store's message
+
+
+# --- URIs --------------------------------------------------------------------------------
+def scheme(uri: str) -> str:
+    """``gs``, ``s3``, ``file`` (local) or another Beam scheme."""
+    m = re.match(r"^([a-zA-Z][-a-zA-Z0-9+.]*)://", uri)
+    if not m:
+        return "file"
+    s = m.group(1).lower()
+    return "file" if s == "file" else s
+
+
+def is_local(uri: str) -> bool:
+    return scheme(uri) == "file"
+
+
+def local_path(uri: str) -> str:
+    return uri[7:] if uri.startswith("file://") else uri
+
+
+def split_bucket(uri: str) -> tuple[str, str]:
+    rest = uri.split("://", 1)[1]
+    bucket, _, key = rest.partition("/")
+    return bucket, key
+
+
+_GLOB = re.compile(r"[*?\[]")
+
+
+def has_glob(pattern: str) -> bool:
+    return bool(_GLOB.search(pattern))
+
+
+def pattern_regex(pattern: str) -> "re.Pattern":
+    """Beam's pattern syntax: fnmatch with ``*`` = ``[^/]*`` and ``**`` = ``.*``."""
+    from apache_beam.io.filesystem import FileSystem
+    return re.compile(FileSystem.translate_pattern(pattern))
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectInfo:
+    uri: str
+    size: int
+    #: the store's version of the object: ``gen:<generation>`` (GCS), ``etag:<etag>`` (S3),
+    #: ``mtime:<ns>`` (local and others: with the size, what Beam's metadata offers)
+    version: str
+
+
+# --- clients (one per process and configuration) -----------------------------------------
+_lock = threading.Lock()
+_clients: dict = {}
+
+
+def _options():
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import PipelineOptions
+    opts = FileSystems._pipeline_options
+    if opts is None:
+        try:
+            from apache_beam.options.value_provider import RuntimeValueProvider
+            opts = RuntimeValueProvider.runtime_options
+        except Exception:  # pragma: no cover
+            opts = None
+    if opts is None:
+        return PipelineOptions([])
+    if isinstance(opts, dict):
+        return PipelineOptions.from_dictionary(opts)
+    return opts
+
+
+def gcs_anonymous(opts=None) -> bool:
+    """True against an emulator (``STORAGE_EMULATOR_HOST``) or with Beam's ``--no_auth``."""
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        return True
+    try:
+        from apache_beam.options.pipeline_options import GoogleCloudOptions
+        return bool((opts or _options()).view_as(GoogleCloudOptions).no_auth)
+    except Exception:
+        return False
+
+
+def configure(opts=None) -> None:
+    """Make this process's GCS access anonymous when :func:`gcs_anonymous` says so, for our
+    client and Beam's ``GcsIO`` alike (Beam 2.77 asks ``google.auth.default()`` with four
+    backed-off retries before falling back to an anonymous client; a resolved ``None`` in its
+    credential cache makes it build the anonymous client at once)."""
+    if opts is not None:
+        from apache_beam.io.filesystems import FileSystems
+        if FileSystems._pipeline_options is None:
+            FileSystems.set_options(opts)
+    if not gcs_anonymous(opts):
+        return
+    try:
+        from apache_beam.internal.gcp import auth
+    except ImportError:  # gcp extra not installed
+        return
+    creds = getattr(auth, "_Credentials", None)
+    if creds is None:  # pragma: no cover - Beam changed; fall back to its own lookup
+        return
+    with creds._credentials_lock:
+        creds._credentials = None
+        creds._credentials_init = True
+
+
+def beam_plugin_args(beam_args) -> list[str]:
+    """Extra Beam args so every worker process imports this module at start-up (and so
+    applies :func:`configure` before Beam's own GCS code asks for credentials)."""
+    if any(a.startswith(("--beam_plugin", "--beam_plugins")) and __name__ in a for a in beam_args):
+        return []
+    return [f"--beam_plugins={__name__}"]
+
+
+def _gcs():
+    opts = _options()
+    anon = gcs_anonymous(opts)
+    key = ("gs", anon, os.environ.get("STORAGE_EMULATOR_HOST"), id(opts) if not anon else 0)
+    with _lock:
+        client = _clients.get(key)
+        if client is None:
+            configure()
+            from apache_beam.io.gcp import gcsio
+            client = gcsio.create_storage_client(opts, use_credentials=not anon)
+            _clients[key] = client
+    return client
+
+
+def _s3():
+    from apache_beam.options.pipeline_options import S3Options
+    o = _options().view_as(S3Options)
+    key = ("s3", o.s3_endpoint_url, o.s3_region_name, o.s3_access_key_id, o.s3_secret_access_key,
+           o.s3_session_token, o.s3_disable_ssl, o.s3_verify, o.s3_api_version)
+    with _lock:
+        client = _clients.get(key)
+        if client is None:
+            import boto3
+            from botocore.config import Config
+            cfg = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10,
+                         read_timeout=120, max_pool_connections=32,
+                         s3={"addressing_style": "path"} if o.s3_endpoint_url else None)
+            verify = o.s3_verify
+            if isinstance(verify, str) and verify.lower() in ("false", "0", "no"):
+                verify = False
+            client = boto3.session.Session().client(
+                "s3", region_name=o.s3_region_name, endpoint_url=o.s3_endpoint_url,
+                use_ssl=not o.s3_disable_ssl, verify=verify, api_version=o.s3_api_version,
+                aws_access_key_id=o.s3_access_key_id, aws_secret_access_key=o.s3_secret_access_key,
+                aws_session_token=o.s3_session_token, config=cfg)
+            _clients[key] = client
+    return client
+
+
+def reset_clients() -> None:
+    """Forget cached clients (tests that start servers on new ports)."""
+    with _lock:
+        _clients.clear()
+
+
+# --- listing -----------------------------------------------------------------------------
+def iter_objects(pattern: str, on_retry=None) -> Iterator[ObjectInfo]:
+    """Objects matching a Beam file pattern, streamed page by page (never collected)."""
+    s = scheme(pattern)
+    if s == "file":
+        yield from _iter_local(pattern)
+        return
+    if s in ("gs", "s3"):
+        if not has_glob(pattern):
+            info = stat(pattern, on_retry=on_retry)
+            if info is not None:
+                yield info
+            return
+        prefix = pattern[:_GLOB.search(pattern).start()]
+        rx = pattern_regex(pattern)
+        lister = _iter_gcs_prefix if s == "gs" else _iter_s3_prefix
+        for info in lister(prefix, on_retry):
+            if rx.fullmatch(info.uri):
+                yield info
+        return
+    yield from _iter_beam(pattern)
+
+
+def _iter_local(pattern: str) -> Iterator[ObjectInfo]:
+    path = os.path.abspath(local_path(pattern))
+    if not has_glob(path):
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return
+        if os.path.isdir(path):
+            return
+        yield ObjectInfo(path, st.st_size, f"mtime:{st.st_mtime_ns}")
+        return
+    prefix = path[:_GLOB.search(path).start()]
+    rx = pattern_regex(path)
+    root = prefix if prefix.endswith("/") else os.path.dirname(prefix)
+    if not os.path.isdir(root):
+        return
+    stack = [root]
+    while stack:  # depth-first, sorted, streaming: one directory's entries in memory at a time
+        d = stack.pop()
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name, reverse=True)
+        except OSError:
+            continue
+        for e in entries:
+            full = os.path.join(d, e.name)
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    if full.startswith(prefix) or prefix.startswith(full + "/"):
+                        stack.append(full)
+                    continue
+                if not full.startswith(prefix) or not rx.fullmatch(full):
+                    continue
+                st = e.stat()
+            except OSError:
+                continue  # vanished while listing
+            yield ObjectInfo(full, st.st_size, f"mtime:{st.st_mtime_ns}")
+
+
+def _iter_gcs_prefix(prefix: str, on_retry=None) -> Iterator[ObjectInfo]:
+    bucket, key_prefix = split_bucket(prefix)
+    client = _gcs()
+    token = None
+    while True:
+        def page(token=token):
+            it = client.list_blobs(bucket, prefix=key_prefix, page_token=token,
+                                   max_results=LIST_PAGE, retry=None)
+            p = next(it.pages)
+            return list(p), it.next_page_token
+        blobs, token = with_retries(page, on_retry=on_retry)
+        for b in blobs:
+            yield ObjectInfo(f"gs://{bucket}/{b.name}", int(b.size or 0), f"gen:{b.generation}")
+        if not token:
+            return
+
+
+def _iter_s3_prefix(prefix: str, on_retry=None) -> Iterator[ObjectInfo]:
+    bucket, key_prefix = split_bucket(prefix)
+    client = _s3()
+    token = None
+    while True:
+        def page(token=token):
+            kw = {"Bucket": bucket, "Prefix": key_prefix, "MaxKeys": LIST_PAGE}
+            if token:
+                kw["ContinuationToken"] = token
+            r = client.list_objects_v2(**kw)
+            return r.get("Contents") or [], r.get("NextContinuationToken") if r.get("IsTruncated") else None
+        items, token = with_retries(page, on_retry=on_retry)
+        for it in items:
+            yield ObjectInfo(f"s3://{bucket}/{it['Key']}", int(it.get("Size") or 0),
+                             f"etag:{(it.get('ETag') or '').strip(chr(34))}")
+        if not token:
+            return
+
+
+def _iter_beam(pattern: str) -> Iterator[ObjectInfo]:
+    from apache_beam.io.filesystems import FileSystems
+    for r in with_retries(lambda: FileSystems.match([pattern])):
+        for m in r.metadata_list:
+            yield ObjectInfo(m.path, int(m.size_in_bytes or 0), f"mtime:{m.last_updated_in_seconds}")
+
+
+def stat(uri: str, on_retry=None) -> Optional[ObjectInfo]:
+    """Metadata of one object, or None when absent."""
+    s = scheme(uri)
+    if s == "file":
+        try:
+            st = os.stat(local_path(uri))
+        except FileNotFoundError:
+            return None
+        return ObjectInfo(os.path.abspath(local_path(uri)), st.st_size, f"mtime:{st.st_mtime_ns}")
+
+    def op():
+        if s == "gs":
+            bucket, key = split_bucket(uri)
+            b = _gcs().bucket(bucket).get_blob(key, retry=None)
+            return None if b is None else ObjectInfo(uri, int(b.size or 0), f"gen:{b.generation}")
+        if s == "s3":
+            bucket, key = split_bucket(uri)
+            try:
+                r = _s3().head_object(Bucket=bucket, Key=key)
+            except Exception as exc:  # noqa: BLE001
+                if classify(exc) == NOT_FOUND:
+                    return None
+                raise
+            return ObjectInfo(uri, int(r.get("ContentLength") or 0),
+                              f"etag:{(r.get('ETag') or '').strip(chr(34))}")
+        from apache_beam.io.filesystems import FileSystems
+        res = FileSystems.match([uri])[0].metadata_list
+        return ObjectInfo(uri, int(res[0].size_in_bytes), f"mtime:{res[0].last_updated_in_seconds}") if res else None
+    return with_retries(op, on_retry=on_retry)
+
+
+def exists(uri: str) -> bool:
+    return stat(uri) is not None
+
+
+# --- reading -----------------------------------------------------------------------------
+def _read_range(uri: str, start: int, end: Optional[int]) -> bytes:
+    """Bytes ``[start, end)`` (``end=None``: to the end). One request; no retry here."""
+    s = scheme(uri)
+    if s == "gs":
+        bucket, key = split_bucket(uri)
+        blob = _gcs().bucket(bucket).blob(key)
+        try:
+            return blob.download_as_bytes(start=start or None, end=None if end is None else end - 1,
+                                          raw_download=True, checksum=None, retry=None)
+        except Exception as exc:  # noqa: BLE001
+            if getattr(exc, "code", None) == 416:
+                return b""
+            raise
+    if s == "s3":
+        bucket, key = split_bucket(uri)
+        kw = {"Bucket": bucket, "Key": key}
+        if start or end is not None:
+            kw["Range"] = f"bytes={start}-" + ("" if end is None else str(end - 1))
+        try:
+            body = _s3().get_object(**kw)["Body"]
+        except Exception as exc:  # noqa: BLE001
+            code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code")
+            if code in ("InvalidRange", "416"):
+                return b""
+            raise
+        try:
+            return body.read()
+        finally:
+            body.close()
+    from apache_beam.io.filesystems import FileSystems
+    with FileSystems.open(uri, compression_type="uncompressed") as f:
+        if start:
+            f.seek(start)
+        return f.read() if end is None else f.read(end - start)
+
+
+def read_head(uri: str, n: int, on_retry=None) -> bytes:
+    """The first ``n`` bytes only (one ranged request on object stores)."""
+    if is_local(uri):
+        with open(local_path(uri), "rb") as f:
+            return f.read(n)
+    return with_retries(lambda: _read_range(uri, 0, n), on_retry=on_retry)
+
+
+class TooLarge(Exception):
+    """Raised by :func:`fetch` when an object exceeds ``max_bytes`` (callers map it)."""
+
+
+def iter_chunks(uri: str, size_hint: int = -1, chunk: int = CHUNK, on_retry=None) -> Iterator[bytes]:
+    """Stream an object in ranged chunks; each chunk is retried on its own."""
+    if is_local(uri):
+        with open(local_path(uri), "rb") as f:
+            while True:
+                b = f.read(chunk)
+                if not b:
+                    return
+                yield b
+    if size_hint == 0 or (0 < size_hint <= chunk):
+        data = with_retries(lambda: _read_range(uri, 0, None), on_retry=on_retry)
+        if data:
+            yield data
+        return
+    off = 0
+    while True:
+        data = with_retries(lambda off=off: _read_range(uri, off, off + chunk), on_retry=on_retry)
+        if data:
+            yield data
+            off += len(data)
+        if len(data) < chunk:
+            return
+
+
+def fetch(uri: str, size: int, max_bytes: int, in_memory_max: int, tmp_dir: str,
+          on_retry=None) -> tuple[Optional[bytes], Optional[str], str]:
+    """Read a whole object: ``(bytes, None, sha256)`` up to ``in_memory_max`` bytes, else
+    ``(None, temp_path, sha256)`` streamed to a local temp file (the caller owns it).
+    Raises :class:`TooLarge`, the permanent storage errors, or StorageError."""
+    h = hashlib.sha256()
+    if size <= in_memory_max:
+        parts, total = [], 0
+        for b in iter_chunks(uri, size, on_retry=on_retry):
+            total += len(b)
+            if total > max_bytes:
+                raise TooLarge()
+            if total > in_memory_max:  # grew since listing: spill what we have
+                return _spill(parts + [b], iter_chunks_from(uri, total, on_retry), h, max_bytes, total, tmp_dir)
+            parts.append(b)
+        data = b"".join(parts)
+        h.update(data)
+        return data, None, h.hexdigest()
+    return _spill([], iter_chunks(uri, size, on_retry=on_retry), h, max_bytes, 0, tmp_dir)
+
+
+def iter_chunks_from(uri: str, offset: int, on_retry=None, chunk: int = CHUNK) -> Iterator[bytes]:
+    if is_local(uri):
+        with open(local_path(uri), "rb") as f:
+            f.seek(offset)
+            while True:
+                b = f.read(chunk)
+                if not b:
+                    return
+                yield b
+    off = offset
+    while True:
+        data = with_retries(lambda off=off: _read_range(uri, off, off + chunk), on_retry=on_retry)
+        if data:
+            yield data
+            off += len(data)
+        if len(data) < chunk:
+            return
+
+
+def _spill(first, rest, h, max_bytes, total, tmp_dir):
+    fd, path = tempfile.mkstemp(prefix="dicom-deid-", suffix=".dcm", dir=tmp_dir)
+    ok = False
+    try:
+        with os.fdopen(fd, "wb") as dst:
+            for b in first:
+                h.update(b)
+                dst.write(b)
+            for b in rest:
+                total += len(b)
+                if total > max_bytes:
+                    raise TooLarge()
+                h.update(b)
+                dst.write(b)
+        ok = True
+        return None, path, h.hexdigest()
+    finally:
+        if not ok:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+def sha256_of(uri: str) -> Optional[str]:
+    """sha256 of an existing object, or None when absent."""
+    if is_local(uri):
+        try:
+            with open(local_path(uri), "rb") as f:
+                return hashlib.file_digest(f, "sha256").hexdigest()
+        except FileNotFoundError:
+            return None
+    info = stat(uri)
+    if info is None:
+        return None
+    h = hashlib.sha256()
+    for b in iter_chunks(uri, info.size):
+        h.update(b)
+    return h.hexdigest()
+
+
+# --- writing -----------------------------------------------------------------------------
+def write_bytes(uri: str, data: bytes, content_type: str = "application/octet-stream",
+                on_retry=None) -> None:
+    """Write a whole object: local temp name + rename; object stores: one upload, which
+    appears atomically (never a partial object at its name)."""
+    s = scheme(uri)
+    if s == "file":
+        path = local_path(uri)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return
+
+    def op():
+        if s == "gs":
+            bucket, key = split_bucket(uri)
+            _gcs().bucket(bucket).blob(key).upload_from_string(data, content_type=content_type,
+                                                               retry=None)
+        elif s == "s3":
+            bucket, key = split_bucket(uri)
+            _s3().put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
+        else:
+            from apache_beam.io.filesystems import FileSystems
+            with FileSystems.create(uri, mime_type=content_type) as f:
+                f.write(data)
+    with_retries(op, on_retry=on_retry)
+
+
+def copy(src: str, dst: str, on_retry=None) -> None:
+    """Server-side copy within a scheme (the destination appears atomically); across
+    schemes, a download and one upload."""
+    s, d = scheme(src), scheme(dst)
+    if s == d == "file":
+        import shutil
+        os.makedirs(os.path.dirname(local_path(dst)) or ".", exist_ok=True)
+        tmp = f"{local_path(dst)}.tmp-{os.getpid()}"
+        shutil.copyfile(local_path(src), tmp)
+        os.replace(tmp, local_path(dst))
+        return
+    if s == d == "gs":
+        def op():
+            sb, sk = split_bucket(src)
+            db, dk = split_bucket(dst)
+            client = _gcs()
+            dblob = client.bucket(db).blob(dk)
+            token, _, _ = dblob.rewrite(client.bucket(sb).blob(sk), retry=None)
+            while token:
+                token, _, _ = dblob.rewrite(client.bucket(sb).blob(sk), token=token, retry=None)
+        with_retries(op, on_retry=on_retry)
+        return
+    if s == d == "s3":
+        def op():
+            sb, sk = split_bucket(src)
+            db, dk = split_bucket(dst)
+            _s3().copy({"Bucket": sb, "Key": sk}, db, dk)
+        with_retries(op, on_retry=on_retry)
+        return
+    data = b"".join(iter_chunks(src, -1, on_retry=on_retry))
+    write_bytes(dst, data, on_retry=on_retry)
+
+
+def delete(uri: str, on_retry=None) -> None:
+    """Delete one object; absent is fine."""
+    s = scheme(uri)
+    if s == "file":
+        try:
+            os.unlink(local_path(uri))
+        except FileNotFoundError:
+            pass
+        return
+
+    def op():
+        try:
+            if s == "gs":
+                bucket, key = split_bucket(uri)
+                _gcs().bucket(bucket).delete_blob(key, retry=None)
+            elif s == "s3":
+                bucket, key = split_bucket(uri)
+                _s3().delete_object(Bucket=bucket, Key=key)
+            else:
+                from apache_beam.io.filesystems import FileSystems
+                FileSystems.delete([uri])
+        except Exception as exc:  # noqa: BLE001
+            if classify(exc) != NOT_FOUND:
+                raise
+    with_retries(op, on_retry=on_retry)
+
+
+def delete_prefix(prefix: str) -> int:
+    """Delete every object under ``prefix/`` (a staging area); returns how many."""
+    prefix = prefix.rstrip("/") + "/"
+    if is_local(prefix):
+        import shutil
+        path = local_path(prefix)
+        n = sum(len(f) for _, _, f in os.walk(path))
+        shutil.rmtree(path, ignore_errors=True)
+        return n
+    n = 0
+    for info in iter_objects(prefix + "**"):
+        delete(info.uri)
+        n += 1
+    return n
+
+
+def count(patterns) -> int:
+    """How many objects the patterns match (streamed; nothing is kept)."""
+    return sum(1 for p in patterns for _ in iter_objects(p))
+
+
+# Imported by every worker at start-up (--beam_plugins): make GCS anonymous where it should be.
+try:
+    configure()
+except Exception:  # pragma: no cover - never break an import over this
+    pass
