@@ -84,7 +84,7 @@ class Rules:
         self.by_tag: dict[int, tuple[str, str]] = {}
         for tag, row in standard.rules_by_tag().items():
             self.by_tag[tag] = (row.action(opts), row.basic)
-        self.safe_private = standard.safe_private_elements() if "rtn_safe_private" in opts else frozenset()
+        self.safe_private = safe_private_list() if "rtn_safe_private" in opts else frozenset()
         self.shift_dates = "rtn_long_modified_dates" in opts
         self.keep_dates = "rtn_long_full_dates" in opts
         self.retain_uids = "rtn_uids" in opts
@@ -104,6 +104,13 @@ class Rules:
             types = standard.iod_attribute_types(sop_class_uid)
             self._iod_cache[sop_class_uid] = types
         return types
+
+
+def safe_private_list() -> frozenset:
+    """Retain Safe Private: PS3.15 Table E.3.10-1 plus the TCIA private tag knowledge base's
+    keep ('k') entries, as (creator lower-case, group, element byte within the block)."""
+    tcia_keep = {k for k, disp in standard.tcia_private_dispositions().items() if disp == "k"}
+    return frozenset(standard.safe_private_elements() | tcia_keep)
 
 
 def compile_rules(policy: Policy, key: bytes) -> Rules:

@@ -211,18 +211,20 @@ def test_inspect_log_records_every_decision():
 
 
 def test_safe_private_kept_through_relocated_block():
+    safe = tags.safe_private_list()
     creator, group, elem_byte = sorted(standard.safe_private_elements())[0]
+    unsafe_byte = next(b for b in range(256) if (creator, group, b) not in safe)
     ds = ct_dataset()
     block = 0x70  # not the block the vendor normally uses
     ds.add_new((group << 16) | block, "LO", creator.upper())
     ds.add_new((group << 16) | (block << 8) | elem_byte, "UN", b"1234")
-    ds.add_new((group << 16) | (block << 8) | ((elem_byte + 1) & 0xFF), "LO", NAME)
-    unsafe = (group, (elem_byte + 1) & 0xFF)
+    ds.add_new((group << 16) | (block << 8) | unsafe_byte, "LO", NAME)
     obj, out = deid(to_bytes(ds), "research")
     res = pydicom.dcmread(io.BytesIO(out))
-    assert (group << 16) | (block << 8) | elem_byte in res
-    assert ((creator, *unsafe) in standard.safe_private_elements()) or \
-        ((group << 16) | (block << 8) | unsafe[1]) not in res
+    assert (group << 16) | (block << 8) | elem_byte in res          # safe: kept, whole
+    assert str(res[(group << 16) | (block << 8) | elem_byte].value).strip("b'") == "1234"
+    assert (group << 16) | block in res                             # its creator too
+    assert (group << 16) | (block << 8) | unsafe_byte not in res    # unsafe: removed
     assert b"QUIMBLEY" not in out.upper()
     basic_obj, basic_out = deid(to_bytes(ds), "basic")
     assert not any(int(t) >> 16 & 1 for t in pydicom.dcmread(io.BytesIO(basic_out)).keys())
@@ -237,3 +239,58 @@ def test_canary_on_generated_sample(tmp_path):
             up = out.upper()
             leaked = [v for v in planted if v in up]
             assert not leaked, (pol, f.name, len(leaked))
+
+
+def test_safe_private_list_includes_tcia_keeps():
+    tcia_k = {k for k, d in standard.tcia_private_dispositions().items() if d == "k"}
+    safe = tags.safe_private_list()
+    assert standard.safe_private_elements() <= safe and tcia_k <= safe
+    assert not ({k for k, d in standard.tcia_private_dispositions().items() if d == "d"}
+                - standard.safe_private_elements()) & safe
+
+
+@pytest.mark.parametrize("pol", ["basic", "research", "allowlist"])
+def test_kept_attributes_survive_unchanged(pol):
+    src = ct_dataset()
+    obj = parse(to_bytes(src))
+    log = []
+    tags.deidentify(obj, tags.compile_rules(policy.load(pol), KEY), log=log)
+    kept = [tag for path, tag, vr, act, _v in log if path == () and act == "K" and vr != "SQ"]
+    assert kept
+    for tag in kept:
+        assert obj.dataset[tag].value == src[tag].value, hex(tag)
+
+
+@pytest.mark.parametrize("name", ["chrX1.dcm", "chrH31.dcm", "chrGerm.dcm", "chrRuss.dcm", "chrI2.dcm"])
+@pytest.mark.parametrize("pol", ["basic", "research"])
+def test_non_ascii_names_removed_and_charset_valid(name, pol):
+    from tests.conftest import CORPUS
+    path = CORPUS / "fo-dicom" / "charset" / name
+    src = pydicom.dcmread(path)
+    names = [str(e.value) for e in src.iterall() if e.VR == "PN" and e.value]
+    obj, out = deid(path.read_bytes(), pol)
+    res = pydicom.dcmread(io.BytesIO(out))
+    res.decode()  # every value decodes under the object's character set
+    texts = [str(e.value) for e in res.iterall() if e.VR in ("PN", "LO", "SH", "LT", "ST", "UT")]
+    for n in names:
+        for comp in n.replace("=", "^").split("^"):
+            if len(comp.strip()) >= 2:
+                assert not any(comp.strip() in t for t in texts), (name, pol)
+    assert res.SpecificCharacterSet == src.SpecificCharacterSet
+
+
+def test_un_vr_private_and_three_level_nesting_cleaned():
+    ds = ct_dataset()
+    ds.add_new(0x00290010, "LO", "SOME VENDOR")
+    ds.add_new(0x00291001, "UN", NAME.encode())      # a private UN blob holding the name
+    lvl3 = Dataset()
+    lvl3.PersonName = NAME
+    lvl3.TextValue = "QUIMBLEY note"
+    lvl2 = Dataset()
+    lvl2.ContentSequence = Sequence([lvl3])
+    lvl1 = Dataset()
+    lvl1.ContentSequence = Sequence([lvl2])
+    ds.ContentSequence = Sequence([lvl1])
+    for pol in ("basic", "research", "allowlist"):
+        obj, out = deid(to_bytes(ds), pol)
+        assert b"QUIMBLEY" not in out.upper() and b"ZARAPHINE" not in out.upper(), pol
