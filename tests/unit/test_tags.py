@@ -85,7 +85,7 @@ def deid(ds_bytes: bytes, pol="basic"):
     return obj, out
 
 
-@pytest.mark.parametrize("pol", ["basic", "research"])
+@pytest.mark.parametrize("pol", ["basic", "research", "allowlist"])
 def test_no_planted_value_survives(pol):
     obj, out = deid(to_bytes(ct_dataset()), pol)
     up = out.upper()
@@ -233,7 +233,7 @@ def test_safe_private_kept_through_relocated_block():
 def test_canary_on_generated_sample(tmp_path):
     s = sample.generate(tmp_path / "s", n_files=6, n_patients=2, seed=3)
     planted = {v.upper().encode() for v in s.planted_values()}
-    for pol in ("basic", "research"):
+    for pol in ("basic", "research", "allowlist"):
         for f in s.files:
             obj, out = deid(f.read_bytes(), pol)
             up = out.upper()
