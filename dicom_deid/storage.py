@@ -314,6 +314,20 @@ def beam_plugin_args(beam_args) -> list[str]:
     return [f"--beam_plugins={__name__}"]
 
 
+def worker_provision_info(opts):
+    """Provision info for the FnApiRunner that carries ``opts`` to its worker processes.
+
+    Beam 2.77's ``FnApiRunner()`` provisions multi-processing workers with empty pipeline
+    options, so ``--s3_endpoint_url``, ``--beam_plugins`` and the like would never reach
+    them; this is what Beam's portable runner sends instead."""
+    from apache_beam.portability.api import beam_provision_api_pb2
+    from apache_beam.runners.portability.fn_api_runner.fn_runner import ExtendedProvisionInfo
+    from apache_beam.runners.portability.portable_runner import JobServiceHandle
+    encoded = JobServiceHandle.encode_pipeline_options(opts.get_all_options(drop_default=True, retain_unknown_options=True))
+    return ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(
+        retrieval_token="unused-retrieval-token", pipeline_options=encoded))
+
+
 def _gcs():
     opts = _options()
     anon = gcs_anonymous(opts)

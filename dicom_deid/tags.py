@@ -85,6 +85,11 @@ class Rules:
         for tag, row in standard.rules_by_tag().items():
             self.by_tag[tag] = (row.action(opts), row.basic)
         self.safe_private = safe_private_list() if "rtn_safe_private" in opts else frozenset()
+        # private dates (TCIA KB 'o'): kept private dates are shifted, never left as they were
+        self.private_dates = frozenset(k for k, disp in standard.tcia_private_dispositions().items()
+                                       if disp == "o")
+        if self.private_dates and "rtn_safe_private" in opts:
+            self.safe_private = frozenset(self.safe_private | self.private_dates)
         self.shift_dates = "rtn_long_modified_dates" in opts
         self.keep_dates = "rtn_long_full_dates" in opts
         self.retain_uids = "rtn_uids" in opts
@@ -251,8 +256,14 @@ def _walk(ds: Dataset, path: tuple, ctx: _Ctx, cleaning: bool = False) -> None:
                 _override(ds, ds[tag], ov, path, ctx)
                 continue
             if t in keep_private:
-                ctx.counts.kept += 1
                 elem = ds[tag]
+                if elem.VR in ("DA", "DT") and rules.shift_dates and _private_date(t, creators, rules):
+                    # a kept private date (TCIA KB 'o'): shifted like every other date
+                    ctx.note(path, t, elem.VR, "C (private date shifted)", ds)
+                    _shift(elem, ctx.mapping.date_offset_days)
+                    ctx.counts.cleaned += 1
+                    continue
+                ctx.counts.kept += 1
                 ctx.note(path, t, elem.VR, "K (safe private)", ds)
                 if elem.VR == "SQ":
                     # safe private sequences keep their structure; identifiers inside are
@@ -317,6 +328,12 @@ def _private_creators(ds: Dataset) -> dict:
                 val = val.decode("latin-1", "replace")
             creators[(g, e)] = str(val or "").strip().lower()
     return creators
+
+
+def _private_date(t: int, creators: dict, rules: Rules) -> bool:
+    g, e = t >> 16, t & 0xFFFF
+    creator = creators.get((g, e >> 8)) if e >= 0x1000 else None
+    return bool(creator) and (creator, g, e & 0xFF) in rules.private_dates
 
 
 def _private_override(t: int, creators: dict, path: tuple, rules: Rules):
@@ -503,6 +520,13 @@ def _unlisted(ds: Dataset, elem: DataElement, path: tuple, ctx: _Ctx, cleaning: 
             ctx.note(path, elem.tag, elem.VR, "U (unlisted UID)")  # value already replaced
             ctx.counts.replaced += 1
             return
+    if elem.VR in ("DA", "DT") and ctx.rules.shift_dates:
+        # a date the table does not name: shifted too, so every date of the patient moves
+        # by the same offset and intervals hold
+        ctx.note(path, elem.tag, elem.VR, "C (unlisted date shifted)", ds)
+        _shift(elem, ctx.mapping.date_offset_days)
+        ctx.counts.cleaned += 1
+        return
     if cleaning and (elem.VR in _TEXT_VRS or elem.VR == "PN"):
         # inside a structure being cleaned (C on a sequence): clean every text value
         ctx.note(path, elem.tag, elem.VR, "C (in cleaned sequence)", ds)

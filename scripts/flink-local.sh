@@ -25,7 +25,8 @@
 #
 # Settings (environment): FLINK_LOCAL_STATE (pid files, config, logs; default $CACHE/run),
 # FLINK_REST_PORT (8081), FLINK_RPC_PORT (6123), FLINK_SLOTS (2), FLINK_TM_MEMORY (3072m),
-# FLINK_JM_MEMORY (1024m), FLINK_RESTART_ATTEMPTS (3), FLINK_START_TIMEOUT (90 s).
+# FLINK_JM_MEMORY (1024m), FLINK_RESTART_ATTEMPTS (10; a lost TaskManager fails
+# several regions at once, which the exponential-delay strategy counts as one attempt), FLINK_START_TIMEOUT (90 s).
 set -euo pipefail
 
 FLINK_VERSION="${FLINK_LOCAL_VERSION:-1.19.3}"
@@ -42,7 +43,7 @@ RPC_PORT="${FLINK_RPC_PORT:-6123}"
 SLOTS="${FLINK_SLOTS:-2}"
 TM_MEMORY="${FLINK_TM_MEMORY:-3072m}"
 JM_MEMORY="${FLINK_JM_MEMORY:-1024m}"
-RESTART_ATTEMPTS="${FLINK_RESTART_ATTEMPTS:-3}"
+RESTART_ATTEMPTS="${FLINK_RESTART_ATTEMPTS:-10}"
 START_TIMEOUT="${FLINK_START_TIMEOUT:-90}"
 PY="${PYTHON:-python3}"
 IDENT=dicomdeid
@@ -191,10 +192,14 @@ heartbeat:
   interval: 2000
   timeout: 12000
 restart-strategy:
-  type: fixed-delay
-  fixed-delay:
-    attempts: $RESTART_ATTEMPTS
-    delay: 2 s
+  type: exponential-delay
+  exponential-delay:
+    initial-backoff: 1 s
+    max-backoff: 10 s
+    backoff-multiplier: 2.0
+    reset-backoff-threshold: 5 min
+    jitter-factor: 0.1
+    attempts-before-reset-backoff: $RESTART_ATTEMPTS
 EOF
 }
 

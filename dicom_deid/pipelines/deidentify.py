@@ -92,7 +92,9 @@ def make_runner(opts: PipelineOptions):
     name = opts.view_as(StandardOptions).runner
     if name == LOCAL_RUNNER:
         from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-        return FnApiRunner()
+        # FnApiRunner() alone gives its multi-processing workers *no* pipeline options
+        # (Beam 2.77): hand them ours (storage endpoints, --beam_plugins, log level)
+        return FnApiRunner(provision_info=storage.worker_provision_info(opts))
     return None  # Beam resolves the runner named in the options
 
 

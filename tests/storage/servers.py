@@ -190,10 +190,13 @@ class FaultProxy:
                 finally:
                     conn.close()
                 self.send_response(resp.status, resp.reason)
+                length = str(len(data))
                 for k, v in resp.getheaders():
-                    if k.lower() not in ("transfer-encoding", "content-length", "connection"):
+                    if self.command == "HEAD" and k.lower() == "content-length":
+                        length = v  # a HEAD answer's length is the object's, not the body's
+                    elif k.lower() not in ("transfer-encoding", "content-length", "connection"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Content-Length", length)
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)

@@ -294,3 +294,18 @@ def test_un_vr_private_and_three_level_nesting_cleaned():
     for pol in ("basic", "research", "allowlist"):
         obj, out = deid(to_bytes(ds), pol)
         assert b"QUIMBLEY" not in out.upper() and b"ZARAPHINE" not in out.upper(), pol
+
+
+def test_research_shifts_unlisted_and_private_dates():
+    ds = ct_dataset()
+    ds.add_new(0x00181078, "DT", "20240301101500")    # RadiopharmaceuticalStartDateTime
+    creator, group, byte = sorted(tags.compile_rules(policy.load("research"), KEY).private_dates)[0]
+    ds.add_new((group << 16) | 0x0050, "LO", creator.upper())
+    ds.add_new((group << 16) | 0x5000 | byte, "DA", "20240301")
+    obj, out = deid(to_bytes(ds), "research")
+    res = pydicom.dcmread(io.BytesIO(out))
+    shifted = res.StudyDate
+    assert shifted != "20240301"
+    if "RadiopharmaceuticalStartDateTime" in res:
+        assert res.RadiopharmaceuticalStartDateTime.startswith(shifted)
+    assert res[(group << 16) | 0x5000 | byte].value == shifted

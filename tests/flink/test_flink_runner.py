@@ -1,0 +1,198 @@
+"""The whole pipeline on a real Apache Flink, compared with the local runner.
+
+Inputs: the vendored corpus, generated files with fake identifiers (several patients, an
+identical copy -> duplicate), broken files (empty, random, text, truncated, corrupt with a
+planted name). The local runner (FnApiRunner, multi-processing) runs once on them; then
+
+- the standalone cluster from ``scripts/flink-local.sh`` (``--flink_master 127.0.0.1:PORT``),
+- Flink's embedded mini cluster (``--flink_master [local]``),
+- the standalone cluster with its TaskManager killed while the job runs (and a new one started)
+
+must give the same object bytes at the same paths, and the same manifest rows, dead letters,
+linkage rows and pseudonym store rows once run id, timestamps and shard names are set aside.
+Each run is the real CLI in a subprocess with ``--runner FlinkRunner ... --environment_type
+LOOPBACK``, as a user would type it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from dicom_deid import sample
+from tests.conftest import CORPUS, make_broken_inputs, write_key
+
+PLANTED = "QUARTERMAINE^ISOLDE"
+FLINK_VERSION = "1.19"  # the newest Flink whose Beam runner Maven Central serves (see the script)
+
+pytestmark = pytest.mark.timeout(1200)
+
+
+def cli(*args, timeout=900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dicom_deid.cli", "run", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def cli_args(w, out: Path, priv: Path, run_id: str) -> list:
+    return ["--input", f"{w['inputs']}/**", "--output", out, "--private", priv, "--key", w["key"],
+            "--run-id", run_id, "--no-progress"]
+
+
+def flink_args(master: str, jar: str) -> list:
+    return ["--runner", "FlinkRunner", "--flink_master", master, "--flink_version", FLINK_VERSION,
+            "--flink_job_server_jar", jar, "--environment_type", "LOOPBACK"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flink-e2e")
+    inputs = root / "in"
+    shutil.copytree(CORPUS, inputs / "corpus")
+    s = sample.generate(inputs / "sample", n_files=12, n_patients=3, seed=7)
+    shutil.copy(s.files[0], inputs / "sample" / "copy-of-first.dcm")
+    make_broken_inputs(inputs / "broken", CORPUS / "dcm_qa_ts" / "1.dcm", PLANTED)
+    w = dict(root=root, inputs=inputs, key=write_key(root / "k.hex", "5a" * 32),
+             n_inputs=sum(1 for p in inputs.rglob("*") if p.is_file()))
+    out, priv = root / "local-out", root / "local-priv"
+    t0 = time.monotonic()
+    r = cli(*cli_args(w, out, priv, "reference"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    w["local_seconds"] = time.monotonic() - t0
+    w["reference"] = snapshot(out, priv)
+    return w
+
+
+# --- what must be equal ---------------------------------------------------------------------
+
+def _rows(folder: Path, drop: set, rel_to: Path | None = None) -> list[str]:
+    files = sorted(folder.rglob("*.parquet")) if folder.exists() else []
+    rows = []
+    for f in files:
+        if any(part.startswith((".", "_")) for part in f.relative_to(folder).parts):
+            continue  # Beam temp files are not part of the table
+        for r in pq.read_table(f).to_pylist():
+            for k in drop:
+                r.pop(k, None)
+            if rel_to is not None and r.get("output_path"):
+                r["output_path"] = str(Path(r["output_path"]).relative_to(rel_to))
+            rows.append(json.dumps(r, sort_keys=True, default=str))
+    return sorted(rows)
+
+
+def snapshot(out: Path, priv: Path) -> dict:
+    objects = {}
+    for p in out.rglob("*.dcm"):
+        rel = p.relative_to(out)
+        if rel.parts[0] not in ("manifest", "summaries") and not rel.parts[0].startswith("."):
+            objects[str(rel)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    dead = sorted(line for f in (priv / "dead_letters").rglob("*.jsonl")
+                  for line in f.read_text().splitlines() if line.strip())
+    return {
+        "objects": objects,
+        "manifest": _rows(out / "manifest", {"run_id", "timestamp"}, out),
+        "dead_letters": [json.dumps(json.loads(d), sort_keys=True) for d in dead],
+        "linkage": _rows(priv / "linkage", {"run_id"}, out),
+        "pseudonyms": _rows(priv / "pseudonyms", {"run_id", "created"}),
+        "leftovers": sorted(str(p.relative_to(root)) for root in (out, priv) for p in root.rglob("*")
+                            if p.name.startswith((".temp", ".staging", "beam-temp"))),
+    }
+
+
+def assert_same_as_local(w, got: dict):
+    ref = w["reference"]
+    assert len(ref["manifest"]) == w["n_inputs"] and len(ref["objects"]) > 10
+    statuses = {json.loads(r)["status"] for r in ref["manifest"]}
+    assert {"ok", "failed", "quarantined", "duplicate"} <= statuses  # the inputs exercise all paths
+    assert got["objects"] == ref["objects"]
+    assert got["manifest"] == ref["manifest"]
+    assert len({json.loads(r)["input_key"] for r in got["manifest"]}) == w["n_inputs"]  # no duplicate row
+    assert got["dead_letters"] == ref["dead_letters"] and len(got["dead_letters"]) >= 5
+    assert got["linkage"] == ref["linkage"]
+    assert got["pseudonyms"] == ref["pseudonyms"]
+    assert got["leftovers"] == [] and ref["leftovers"] == []
+
+
+def assert_nothing_identifying(text: str):
+    assert PLANTED not in text and PLANTED.split("^")[0] not in text
+
+
+def flink_logs(cluster) -> str:
+    logs = Path(cluster.env["FLINK_LOCAL_STATE"]) / "log"
+    return "\n".join(p.read_text(errors="replace") for p in logs.glob("*") if p.is_file())
+
+
+# --- the tests ------------------------------------------------------------------------------
+
+def test_standalone_cluster_gives_the_local_runners_outputs(world, flink_cluster):
+    out, priv = world["root"] / "standalone-out", world["root"] / "standalone-priv"
+    r = cli(*cli_args(world, out, priv, "flink-standalone"), *flink_args(flink_cluster.master, flink_cluster.jar))
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert_same_as_local(world, snapshot(out, priv))
+    summary = json.loads((out / "summaries" / "run-flink-standalone.json").read_text())
+    assert summary["runner"] == "FlinkRunner" and summary["inputs"] == world["n_inputs"]
+    # the job really ran on this cluster
+    jobs = flink_cluster.rest("/jobs/overview")["jobs"]
+    assert any(j["state"] == "FINISHED" and j["name"].startswith("BeamApp") for j in jobs)
+    assert_nothing_identifying(r.stdout + r.stderr + flink_logs(flink_cluster))
+
+
+def test_embedded_mini_cluster_gives_the_local_runners_outputs(world, flink_cluster):
+    out, priv = world["root"] / "mini-out", world["root"] / "mini-priv"
+    r = cli(*cli_args(world, out, priv, "flink-mini"), *flink_args("[local]", flink_cluster.jar))
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert_same_as_local(world, snapshot(out, priv))
+    assert_nothing_identifying(r.stdout + r.stderr)
+
+
+def _running_job(cluster, known: set):
+    for j in cluster.rest("/jobs/overview")["jobs"]:
+        if j["jid"] not in known and j["state"] == "RUNNING":
+            return j["jid"]
+    return None
+
+
+def test_taskmanager_killed_midway_job_recovers_with_identical_outputs(world, flink_cluster):
+    out, priv = world["root"] / "failover-out", world["root"] / "failover-priv"
+    known = {j["jid"] for j in flink_cluster.rest("/jobs/overview")["jobs"]}
+    proc = subprocess.Popen([sys.executable, "-m", "dicom_deid.cli", "run",
+                             *map(str, cli_args(world, out, priv, "flink-failover")),
+                             *flink_args(flink_cluster.master, flink_cluster.jar)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # wait until the job runs and part of it is done, then kill the TaskManager
+        deadline, jid, injected = time.monotonic() + 300, None, False
+        while time.monotonic() < deadline and proc.poll() is None:
+            jid = jid or _running_job(flink_cluster, known)
+            if jid:
+                vertices = flink_cluster.rest(f"/jobs/{jid}")["vertices"]
+                done = sum(v["status"] == "FINISHED" for v in vertices)
+                if 0 < done < len(vertices):
+                    k = flink_cluster.script("kill-taskmanager", timeout=60)
+                    assert k.returncode == 0, k.stderr
+                    time.sleep(1)
+                    s = flink_cluster.script("start-taskmanager", timeout=120)
+                    assert s.returncode == 0, s.stderr
+                    injected = True
+                    break
+            time.sleep(0.2)
+        assert injected, "the job finished (or never ran) before the TaskManager could be killed"
+        stdout, stderr = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-4000:]
+    # Flink saw the failure and restarted the job
+    history = flink_cluster.rest(f"/jobs/{jid}/exceptions")
+    assert history.get("exceptionHistory", {}).get("entries") or history.get("root-exception")
+    assert flink_cluster.rest(f"/jobs/{jid}")["state"] == "FINISHED"
+    assert_same_as_local(world, snapshot(out, priv))
+    assert_nothing_identifying(stdout + stderr + flink_logs(flink_cluster))
