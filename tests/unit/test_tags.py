@@ -309,3 +309,65 @@ def test_research_shifts_unlisted_and_private_dates():
     if "RadiopharmaceuticalStartDateTime" in res:
         assert res.RadiopharmaceuticalStartDateTime.startswith(shifted)
     assert res[(group << 16) | 0x5000 | byte].value == shifted
+
+
+def _policy_with(*options) -> policy.Policy:
+    import json
+    return policy.parse(json.dumps({"schema": 1, "name": "one", "version": "1", "options": list(options)}))
+
+
+def _rich_dataset() -> Dataset:
+    ds = ct_dataset()
+    ds.StationName = "CTSTATION7"
+    ds.DeviceSerialNumber = "SN-4410"
+    ds.InstitutionName = "ST BARNABY INFIRMARY"
+    ds.PatientWeight = "71"
+    item = Dataset()
+    item.ValueType = "TEXT"
+    item.TextValue = "lesion seen by QUIMBLEY"
+    ds.ContentSequence = Sequence([item])
+    text = Dataset()
+    text.UnformattedTextValue = "Patient QUIMBLEY 01/03/2024"
+    ann = Dataset()
+    ann.TextObjectSequence = Sequence([text])
+    ds.GraphicAnnotationSequence = Sequence([ann])
+    return ds
+
+
+OPTION_CHECKS = {
+    # option: (check on the de-identified dataset, check that Basic alone does otherwise)
+    "rtn_uids": (lambda ds: ds.SOPInstanceUID == "1.2.826.0.1.3680043.9.7.1.1",
+                 lambda ds: ds.SOPInstanceUID != "1.2.826.0.1.3680043.9.7.1.1"),
+    "rtn_long_full_dates": (lambda ds: ds.StudyDate == "20240301", lambda ds: ds.StudyDate == ""),
+    "rtn_long_modified_dates": (lambda ds: ds.StudyDate not in ("", "20240301") and len(ds.StudyDate) == 8,
+                                lambda ds: ds.StudyDate == ""),
+    "rtn_device_identity": (lambda ds: ds.get("DeviceSerialNumber") == "SN-4410",
+                            lambda ds: ds.get("DeviceSerialNumber") in (None, "", "ANONYMIZED")),
+    "rtn_institution_identity": (lambda ds: ds.get("InstitutionName") == "ST BARNABY INFIRMARY",
+                                 lambda ds: "InstitutionName" not in ds),
+    "rtn_patient_characteristics": (lambda ds: ds.PatientSex == "F" and ds.get("PatientWeight") == 71,
+                                    lambda ds: ds.get("PatientSex", "") == "" and "PatientWeight" not in ds),
+    "clean_descriptors": (lambda ds: ds.get("StudyDescription") == "CT CHEST [NAME]",
+                          lambda ds: "StudyDescription" not in ds),
+    "clean_structured_content": (
+        lambda ds: "ContentSequence" in ds and "QUIMBLEY" not in str(ds.ContentSequence[0].get("TextValue", "")),
+        lambda ds: "QUIMBLEY" not in str(ds.get("ContentSequence", ""))),
+    "clean_graphics": (
+        lambda ds: "GraphicAnnotationSequence" in ds and "QUIMBLEY" not in str(ds.GraphicAnnotationSequence[0]),
+        lambda ds: "GraphicAnnotationSequence" not in ds or "QUIMBLEY" not in str(ds.GraphicAnnotationSequence[0])),
+}
+
+
+@pytest.mark.parametrize("option", sorted(OPTION_CHECKS))
+def test_each_option_changes_what_basic_does(option):
+    with_option, basic_only = OPTION_CHECKS[option]
+    obj = parse(to_bytes(_rich_dataset()))
+    tags.deidentify(obj, tags.compile_rules(_policy_with(option), KEY))
+    assert with_option(obj.dataset), option
+    codes = [c.CodeValue for c in obj.dataset.DeidentificationMethodCodeSequence]
+    assert policy.OPTION_CODES[option][0] in codes
+    out = writer.serialize(obj.dataset)
+    assert b"QUIMBLEY" not in out.upper() and b"RX99812" not in out
+    base = parse(to_bytes(_rich_dataset()))
+    tags.deidentify(base, tags.compile_rules(_policy_with(), KEY))
+    assert basic_only(base.dataset), option
