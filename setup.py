@@ -26,6 +26,8 @@ EXTRAS = {
     "aws": ["apache-beam[aws]==2.77.0", "boto3==1.44.8"],
     "tests": ["pytest==9.2.0", "pytest-timeout==2.4.0", "duckdb==2.0.1", "pandas==3.1.1",
               "highdicom==0.28.2",
+              # static checks of templates/ and terraform/ (tests/infra)
+              "python-hcl2==8.1.4",
               # storage tests: Beam's GCS and S3 filesystems against real local servers
               "apache-beam[gcp,aws]==2.77.0", "google-cloud-storage==3.17.1", "boto3==1.44.8",
               "moto[server]==5.2.5", "gcp-storage-emulator==2026.7.19"],

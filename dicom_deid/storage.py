@@ -557,6 +557,85 @@ def read_head(uri: str, n: int, on_retry=None) -> bytes:
     return with_retries(lambda: _read_range(uri, 0, n), on_retry=on_retry)
 
 
+class RangeReader:
+    """A seekable, read-only raw file over an object: each ``read`` is a ranged request
+    (retried; errors translated like everything here, nothing logged). Wrap it in
+    ``io.BufferedReader(reader, buffer_size=64 * 1024)`` for header-only parsing: a header
+    scan then fetches the first few blocks of an object, never the whole of it."""
+
+    name = "<object>"  # parsers read .name; never the URI (paths may hold names)
+
+    def __init__(self, uri: str, on_retry=None):
+        self._uri, self._pos, self._on_retry, self.closed = uri, 0, on_retry, False
+        self.bytes_read = 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def writable(self):
+        return False
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            data = b"".join(iter_chunks_from(self._uri, self._pos, self._on_retry))
+        elif n == 0:
+            return b""
+        else:
+            data = with_retries(lambda: _read_range(self._uri, self._pos, self._pos + n),
+                                on_retry=self._on_retry)
+        self._pos += len(data)
+        self.bytes_read += len(data)
+        return data
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence == 0:
+            self._pos = pos
+        elif whence == 1:
+            self._pos += pos
+        else:
+            info = stat(self._uri)
+            if info is None:
+                raise ObjectNotFound()
+            self._pos = info.size + pos
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self):
+        self.closed = True
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return False
+
+    def fileno(self):
+        raise OSError("not a real file")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_read(uri: str, on_retry=None):
+    """A raw seekable reader: a local file, or a :class:`RangeReader` on an object store."""
+    if is_local(uri):
+        return open(local_path(uri), "rb", buffering=0)
+    return RangeReader(uri, on_retry=on_retry)
+
+
 class TooLarge(Exception):
     """Raised by :func:`fetch` when an object exceeds ``max_bytes`` (callers map it)."""
 

@@ -57,8 +57,10 @@ class WriteDeadLetters(beam.PTransform):
         return (
             dead_letters
             | "ToJson" >> beam.Map(lambda d: json.dumps(d.to_json(), sort_keys=True))
+            # skip_if_empty: Beam's S3 writer cannot finish an empty object (a multipart
+            # upload with no part), so a run without dead letters writes no file at all
             | "Jsonl" >> beam.io.WriteToText(f"{self._run.private_dir('dead_letters')}/part",
-                                             file_name_suffix=".jsonl")
+                                             file_name_suffix=".jsonl", skip_if_empty=True)
         )
 
 

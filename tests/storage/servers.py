@@ -91,7 +91,8 @@ def s3_client(endpoint: str):
     from botocore.config import Config
     return boto3.session.Session().client(
         "s3", endpoint_url=endpoint, region_name=S3_REGION, aws_access_key_id=S3_KEY_ID,
-        aws_secret_access_key=S3_SECRET, config=Config(s3={"addressing_style": "path"}))
+        aws_secret_access_key=S3_SECRET,
+        config=Config(s3={"addressing_style": "path"}, max_pool_connections=32))
 
 
 def gcs_client(endpoint: str):
@@ -126,6 +127,7 @@ class FaultProxy:
         self._fail_seconds, self._fail_status, self._fail_start = 0.0, 503, None
         self._drop = 0
         self._deny: list[str] = []
+        self.requests: list[tuple[str, str]] = []
         self.served = {"total": 0, "failed": 0, "dropped": 0, "denied": 0}
         self._lock = threading.Lock()
         proxy = self
@@ -211,6 +213,7 @@ class FaultProxy:
         decoded = urllib.parse.unquote(path)
         with self._lock:
             self.served["total"] += 1
+            self.requests.append((method, decoded))
             if self._drop > 0:
                 self._drop -= 1
                 self.served["dropped"] += 1
@@ -247,6 +250,7 @@ class FaultProxy:
             self.latency = 0.0
             for k in self.served:
                 self.served[k] = 0
+            self.requests.clear()
 
     def __enter__(self):
         self._thread.start()
