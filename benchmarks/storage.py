@@ -96,7 +96,8 @@ def bench_throughput(n_files: int, s3_url: str, gcs_url: str, key: Path) -> dict
         gcs.create_bucket(b)
     t0 = time.perf_counter()
     upload_tree(lambda k, v: s3.put_object(Bucket="tin", Key=k, Body=v), root, "c")
-    upload_tree(lambda k, v: gcs.bucket("tin").blob(k).upload_from_string(v), root, "c")
+    # gcp-storage-emulator is a single-threaded HTTPServer (listen backlog 5): few uploaders
+    upload_tree(lambda k, v: gcs.bucket("tin").blob(k).upload_from_string(v), root, "c", threads=3)
     upload_s = time.perf_counter() - t0
     res = {"files": meta["n_files"], "megabytes": round(mb, 1), "upload_both_s": round(upload_s, 1)}
     shutil.rmtree(WORK / "tp", ignore_errors=True)
@@ -121,7 +122,7 @@ def bench_throughput(n_files: int, s3_url: str, gcs_url: str, key: Path) -> dict
 # --- listing -------------------------------------------------------------------------------
 def make_names(root: Path, n: int) -> Path:
     d = root / f"names-{n}"
-    marker = d / ".complete"
+    marker = root / f"names-{n}.complete"
     if marker.exists():
         return d
     shutil.rmtree(d, ignore_errors=True)
@@ -294,7 +295,8 @@ def bench_large(megabytes: int, s3_url: str, key: Path) -> dict:
 
 def to_markdown(r: dict) -> str:
     t = r["throughput"]
-    lines = [f"# Storage benchmark ({r['date']}, {r['machine']})", "",
+    lines = [f"# Storage benchmark ({r['date']}, {r['machine']}, load average at start/end "
+             f"{r['loadavg_at_start'][0]:.1f}/{r['loadavg_at_end'][0]:.1f} on a shared machine)", "",
              f"Same {t['files']} files ({t['megabytes']} MB), default local runner "
              "(FnApiRunner multi-processing, all cores); servers on 127.0.0.1 "
              "(gcp-storage-emulator, moto).", "",
@@ -336,12 +338,13 @@ def main(argv=None) -> int:
     os.environ.update(NO_GCE_CHECK="true", AWS_EC2_METADATA_DISABLED="true")
     result = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "machine": f"{os.cpu_count()} cores, {platform.python_version()}",
-              "args": vars(args)}
+              "args": vars(args), "loadavg_at_start": os.getloadavg()}
     with servers.moto_server() as s3_url, servers.gcs_emulator() as gcs_url:
         result["throughput"] = bench_throughput(args.files, s3_url, gcs_url, key)
         result["listing"] = bench_listing(args.names, s3_url)
         result["first_processed"] = bench_first_processed(args.names, key)
         result["large"] = bench_large(args.large_mb, s3_url, key)
+    result["loadavg_at_end"] = os.getloadavg()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -183,6 +183,13 @@ class TreeSampler(threading.Thread):
                               round(by_role.get("main", 0) / 2**20, 1),
                               round(by_role.get("worker", 0) / 2**20, 1)))
 
+    def role_cpu(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for pid, ticks in self.cpu_ticks.items():
+            role = self._roles.get(pid, "other")
+            out[role] = out.get(role, 0.0) + ticks / TICK
+        return dict(sorted(out.items()))
+
     def run(self) -> None:
         while not self._halt.is_set():
             self.sample()
@@ -235,6 +242,7 @@ def run_measured(cmd: list[str], log_path: Path, env=None) -> dict:
         "peak_tree_rss_mb": sampler.peak_rss / 2**20,
         "peak_tree_pss_mb": sampler.peak_pss / 2**20,
         "peak_role_rss_mb": {k: v / 2**20 for k, v in sorted(sampler.peak_role.items())},
+        "cpu_role_s_sampled": sampler.role_cpu(),
         "max_process_rss_mb": ru.ru_maxrss / 1024,  # KiB on Linux; largest single process
         "max_processes": sampler.max_procs,
         "rss_samples": sampler.samples,
@@ -338,6 +346,27 @@ def baseline_child(src: str, dst: str) -> int:
     return 0
 
 
+def source_digest() -> str:
+    """Short digest of dicom_deid/ (*.py, data): the repo is edited concurrently, so each run
+    records which code it ran."""
+    import hashlib
+    h = hashlib.sha256()
+    pkg = HERE.parent / "dicom_deid"
+    for f in sorted(pkg.rglob("*")):
+        if f.is_file() and "__pycache__" not in f.parts:
+            h.update(str(f.relative_to(pkg)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def git_head() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def do_run(name: str, repeat: int, src: Path, n: int, nbytes: int, key: Path) -> dict:
     base = WORK / "runs" / f"{name}-r{repeat}"
     shutil.rmtree(base, ignore_errors=True)
@@ -351,7 +380,8 @@ def do_run(name: str, repeat: int, src: Path, n: int, nbytes: int, key: Path) ->
                "--private", str(base / "private"), "--key", str(key), "--no-progress",
                f"--direct_num_workers={workers}"]
     r = run_measured(cmd, logs / f"{name}-r{repeat}.log")
-    r.update(name=name, repeat=repeat, files=n, input_bytes=nbytes)
+    r.update(name=name, repeat=repeat, files=n, input_bytes=nbytes, source_digest=source_digest(),
+             git_head=git_head())
     if name == "baseline":
         try:
             r["internal"] = json.loads(r["stdout"].strip().splitlines()[-1])
@@ -416,6 +446,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quiet-cpus", type=float, default=0.5)
     ap.add_argument("--retries", type=int, default=2,
                     help="re-run a failed run up to this many times (the repo may be mid-edit)")
+    ap.add_argument("--only", default="", metavar="NAMES",
+                    help="comma separated subset of runs: baseline,p1,p2,p1_tiny,p1_500,p2_tiny")
     ap.add_argument("--out", type=Path, default=RESULTS / "throughput.json")
     a = ap.parse_args(argv)
 
@@ -429,6 +461,12 @@ def main(argv=None) -> int:
               "tiny": subset(root, TINY), "mid": subset(root, MID)}
     plan = [("baseline", "full"), ("p1", "full"), ("p2", "full"),
             ("p1_tiny", "tiny"), ("p1_500", "mid"), ("p2_tiny", "tiny")]
+    if a.only:
+        wanted = set(a.only.split(","))
+        unknown = wanted - {n for n, _ in plan}
+        if unknown:
+            ap.error(f"unknown run names: {', '.join(sorted(unknown))}")
+        plan = [(n, i) for n, i in plan if n in wanted]
     started = _dt.datetime.now(_dt.timezone.utc)
     info = machine()
     warm_cache(root)
@@ -481,6 +519,8 @@ def main(argv=None) -> int:
         "memory_method": "sum of RSS (and PSS) over the run's process tree, sampled from /proc "
                          "every 0.2 s; max_process_rss_mb = ru_maxrss from os.wait4",
         "quiet_wait": {"max_s": a.quiet_wait, "threshold_cpus": a.quiet_cpus},
+        "source_digests_seen": sorted({r["source_digest"] for r in runs}),
+        "git_heads_seen": sorted({r["git_head"] for r in runs}),
         "results": results,
         "runs": runs,
         "failed_runs": failed,
@@ -529,11 +569,14 @@ def summarise(runs: list[dict]) -> dict:
             "cpu_ms_per_file": 1000 * med(r["cpu_s"] for r in rs) / n,
             "cpus_used": med(r["cpu_s"] / r["wall_s"] for r in rs),
             "other_load_cpus": med(r["other_load_cpus"] for r in rs),
+            "cpu_main_s": med(r["cpu_role_s_sampled"].get("main", 0.0) for r in rs),
+            "cpu_workers_s": med(r["cpu_role_s_sampled"].get("worker", 0.0) for r in rs),
             "peak_main_rss_mb": med(r["peak_role_rss_mb"].get("main", 0) for r in rs),
             "peak_workers_rss_mb": med(r["peak_role_rss_mb"].get("worker", 0) for r in rs),
             "by_status": [r.get("summary", {}).get("by_status") for r in rs] if "summary" in rs[0] else None,
             "outputs_written": [r["outputs_written"] for r in rs],
             "returncodes": [r["returncode"] for r in rs],
+            "source_digests": sorted({r["source_digest"] for r in rs}),
         }
     out = {"rows": rows}
     g = rows.get
@@ -613,13 +656,14 @@ def report(doc: dict) -> str:
         lines.append(f"| {label[name]} | {r['files']} | {r['input_mb']:.1f} | {r['wall_s']:.2f} | "
                      f"{r['files_per_s']:.1f} | {r['mb_per_s']:.1f} | {r['peak_tree_rss_mb']:.0f} | "
                      f"{r['peak_tree_pss_mb']:.0f} | {r['max_process_rss_mb']:.0f} |")
-    lines += ["", "| run | CPU s (tree) | CPU ms/file | CPUs used | other load (CPUs) | peak main RSS MB "
-              "| peak workers RSS MB |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "| run | CPU s (tree) | CPU s main / workers | CPU ms/file | CPUs used | other load (CPUs) "
+              "| peak main RSS MB | peak workers RSS MB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name in ("baseline", "p1", "p2", "p1_tiny", "p2_tiny", "p1_500"):
         if name not in rows:
             continue
         r = rows[name]
-        lines.append(f"| {label[name]} | {r['cpu_s']:.1f} | {r['cpu_ms_per_file']:.1f} | {r['cpus_used']:.2f} | "
+        lines.append(f"| {label[name]} | {r['cpu_s']:.1f} | {r['cpu_main_s']:.1f} / {r['cpu_workers_s']:.1f} | "
+                     f"{r['cpu_ms_per_file']:.1f} | {r['cpus_used']:.2f} | "
                      f"{r['other_load_cpus']:.2f} | {r['peak_main_rss_mb']:.0f} | {r['peak_workers_rss_mb']:.0f} |")
     if "ratios" in res:
         lines.append("")

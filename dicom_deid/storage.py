@@ -440,8 +440,8 @@ def _iter_gcs_prefix(prefix: str, on_retry=None) -> Iterator[ObjectInfo]:
     token = None
     while True:
         def page(token=token):
-            it = client.list_blobs(bucket, prefix=key_prefix, page_token=token,
-                                   max_results=LIST_PAGE, retry=None)
+            it = client.list_blobs(client.bucket(bucket), prefix=key_prefix, page_token=token,
+                                   page_size=LIST_PAGE, retry=None)
             p = next(it.pages)
             return list(p), it.next_page_token
         blobs, token = with_retries(page, on_retry=on_retry)

@@ -78,8 +78,10 @@ def scan_header(uri: str, deriver: keys.Deriver, mode: str) -> tuple[Optional[di
     (HMACs only) and the number of bytes read. ``None`` for DICOMDIR."""
     import pydicom
     configure_pydicom()
-    src = open(uri, "rb", buffering=0) if "://" not in uri else FileSystems.open(
-        uri, compression_type="uncompressed")
+    # local file, or ranged reads on object stores: only the first blocks are fetched, and
+    # nothing logs the object's name on an HTTP error (Beam's s3io would)
+    from .. import storage
+    src = storage.open_read(uri)
     raw = _CountingRaw(src)
     try:
         with io.BufferedReader(raw, buffer_size=SCAN_BUFFER) as fp, quiet():

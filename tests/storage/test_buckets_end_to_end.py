@@ -158,11 +158,6 @@ def test_transient_errors_are_retried_and_a_403_is_one_dead_letter(faulty_run):
 
 
 def test_faults_never_log_object_names(faulty_run, request):
-    if faulty_run["store"].scheme == "s3":
-        # ScanHeaders (transforms/pseudonyms.py) opens objects with Beam's FileSystems.open,
-        # whose s3io logs the object's path on a 403; storage.open_read logs nothing.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="ScanHeaders reads via Beam s3io, "
-                                              "which logs object paths on HTTP errors"))
     proc = faulty_run["proc"]
     assert DENIED_NAME not in proc.stderr and DENIED_NAME not in proc.stdout
 
