@@ -44,6 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import ConfigError, DeidError
+from .text import nhs_check_digit, nhs_valid  # noqa: F401 (re-exported)
 from .keys import Deriver
 
 STRATEGIES = ("hmac", "sequential", "lookup")
@@ -90,17 +91,6 @@ class StoreError(DeidError):
 
 # ----------------------------------------------------------------------------- NHS numbers
 
-def nhs_check_digit(first9: str) -> Optional[int]:
-    """Modulus-11 check digit of the first nine digits; None when no valid digit exists."""
-    total = sum(int(d) * w for d, w in zip(first9, range(10, 1, -1)))
-    check = 11 - total % 11
-    if check == 11:
-        return 0
-    if check == 10:
-        return None
-    return check
-
-
 _NHS_SEP = re.compile(r"[\s-]")
 
 
@@ -111,8 +101,7 @@ def normalise_nhs_number(value) -> Optional[str]:
     digits = _NHS_SEP.sub("", str(value).strip())
     if len(digits) != 10 or not digits.isdigit() or not digits.isascii():
         return None
-    check = nhs_check_digit(digits[:9])
-    return digits if check is not None and check == int(digits[9]) else None
+    return digits if nhs_valid(digits) else None
 
 
 def _text(v) -> str:

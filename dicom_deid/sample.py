@@ -46,6 +46,8 @@ from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.sequence import Sequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
 
+from . import text as _text
+
 __all__ = [
     "PlantedPatient",
     "SampleSet",
@@ -252,20 +254,11 @@ def nhs_check_digit(first9: str) -> int | None:
     """Modulus-11 check digit for the first nine NHS number digits (None if invalid)."""
     if len(first9) != 9 or not first9.isdigit():
         raise ValueError("need exactly nine digits")
-    total = sum(int(d) * w for d, w in zip(first9, range(10, 1, -1)))
-    check = 11 - total % 11
-    if check == 11:
-        return 0
-    if check == 10:
-        return None
-    return check
+    return _text.nhs_check_digit(first9)
 
 
 def is_valid_nhs_number(value: str) -> bool:
-    digits = value.replace(" ", "")
-    if len(digits) != 10 or not digits.isdigit():
-        return False
-    return nhs_check_digit(digits[:9]) == int(digits[9])
+    return _text.nhs_valid(value.replace(" ", ""))
 
 
 # --------------------------------------------------------------------------------------

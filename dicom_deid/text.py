@@ -10,7 +10,7 @@ clinical words around them survive: "CT CHEST QUIMBLEY follow-up" -> "CT CHEST [
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from typing import Iterable, Optional
 
 from .element import PhiContext
 
@@ -32,15 +32,21 @@ _DATES = [
 ]
 
 
-def nhs_valid(digits: str) -> bool:
-    """NHS number modulus-11 check (10 digits)."""
-    if len(digits) != 10 or not digits.isdigit():
-        return False
-    total = sum(int(d) * w for d, w in zip(digits[:9], range(10, 1, -1)))
+def nhs_check_digit(first9: str) -> Optional[int]:
+    """Modulus-11 check digit of the first nine NHS number digits; None when no valid digit
+    exists (remainder 10). The one implementation the project uses."""
+    total = sum(int(d) * w for d, w in zip(first9, range(10, 1, -1)))
     check = 11 - total % 11
     if check == 11:
-        check = 0
-    return check != 10 and check == int(digits[9])
+        return 0
+    return None if check == 10 else check
+
+
+def nhs_valid(digits: str) -> bool:
+    """Ten ASCII digits whose last is the modulus-11 check digit of the first nine."""
+    if len(digits) != 10 or not digits.isdigit() or not digits.isascii():
+        return False
+    return nhs_check_digit(digits[:9]) == int(digits[9])
 
 
 def _name_forms(phi: PhiContext) -> tuple[list[str], list[str]]:
