@@ -46,5 +46,5 @@ setup(
     package_data={"dicom_deid": ["data/*.md", "data/**/*", "data/policies/*.yaml"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["dicom-deid=dicom_deid.cli:main"]},
+    entry_points={"console_scripts": ["dicom-deid=dicom_deid.cli:entry"]},
 )

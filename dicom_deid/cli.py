@@ -212,5 +212,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
 
 
+def entry() -> None:  # pragma: no cover - the console script and ``python -m``
+    """Run ``main`` and leave without interpreter teardown: gRPC threads of Beam's runner
+    can abort the process ("terminate called without an active exception") while Python
+    finalises, after every output is written, turning a good run into exit code -6."""
+    try:
+        code = main()
+    except SystemExit as exc:  # argparse's --help/--version/usage errors
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()

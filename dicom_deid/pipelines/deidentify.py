@@ -214,6 +214,29 @@ def cleanup_staging(cfg: RunConfig) -> None:
             storage.delete_prefix(staging)
     except Exception:  # leftover staging never affects published outputs
         log.warning("could not remove the staging prefix of run %s", cfg.run_id)
+    cleanup_sink_temps(cfg)
+
+
+def cleanup_sink_temps(cfg: RunConfig) -> None:
+    """Remove Beam file-sink temp folders (``beam-temp-*``) left under this run's manifest,
+    linkage and dead-letter folders by a failed attempt that the runner retried (Flink
+    failover). Called only after the job finished, and only inside this run's own folders."""
+    run = cfg.run
+    for folder in (run.manifest_dir(), run.private_dir("linkage"), run.private_dir("dead_letters")):
+        try:
+            if "://" not in folder:
+                if os.path.isdir(folder):
+                    for name in os.listdir(folder):
+                        if name.startswith("beam-temp-"):
+                            path = os.path.join(folder, name)
+                            if os.path.isdir(path):
+                                shutil.rmtree(path, ignore_errors=True)
+                            else:
+                                os.unlink(path)
+            else:
+                storage.delete_prefix(folder.rstrip("/") + "/beam-temp-")
+        except Exception:
+            log.warning("could not remove temporary sink files of run %s", cfg.run_id)
 
 
 def run(cfg: RunConfig, beam_args: Sequence[str] = (), stream=None) -> dict:
