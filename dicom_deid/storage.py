@@ -654,14 +654,7 @@ def iter_chunks(uri: str, size_hint: int = -1, chunk: int = CHUNK, on_retry=None
         if data:
             yield data
         return
-    off = 0
-    while True:
-        data = with_retries(lambda off=off: _read_range(uri, off, off + chunk), on_retry=on_retry)
-        if data:
-            yield data
-            off += len(data)
-        if len(data) < chunk:
-            return
+    yield from _ranged_chunks(uri, 0, chunk, on_retry)
 
 
 def fetch(uri: str, size: int, max_bytes: int, in_memory_max: int, tmp_dir: str,
@@ -694,7 +687,11 @@ def iter_chunks_from(uri: str, offset: int, on_retry=None, chunk: int = CHUNK) -
                 if not b:
                     return
                 yield b
-    off = offset
+    yield from _ranged_chunks(uri, offset, chunk, on_retry)
+
+
+def _ranged_chunks(uri: str, off: int, chunk: int, on_retry=None) -> Iterator[bytes]:
+    """Ranged reads of ``chunk`` bytes from ``off`` to the end, each retried on its own."""
     while True:
         data = with_retries(lambda off=off: _read_range(uri, off, off + chunk), on_retry=on_retry)
         if data:
