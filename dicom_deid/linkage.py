@@ -31,11 +31,8 @@ _UID_LEVELS = (("study", "original_study_uid", "study_uid"),
 
 
 def _list(pattern: str) -> list[str]:
-    if ps._is_local(pattern):
-        import glob
-        return sorted(glob.glob(ps._local(pattern)))
-    from apache_beam.io.filesystems import FileSystems
-    return sorted(m.path for r in FileSystems.match([pattern]) for m in r.metadata_list)
+    from . import storage
+    return sorted(i.uri for i in storage.iter_objects(pattern))
 
 
 def _read(files: list[str]) -> list[dict]:

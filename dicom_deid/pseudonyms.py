@@ -225,55 +225,26 @@ def store_dir(private: str) -> str:
 
 # ----------------------------------------------------------------------------- I/O helpers
 
-def _is_local(uri: str) -> bool:
-    return "://" not in uri or uri.startswith("file://")
-
-
-def _local(uri: str) -> str:
-    return uri[7:] if uri.startswith("file://") else uri
-
-
 def read_bytes(uri: str) -> bytes:
-    if _is_local(uri):
-        with open(_local(uri), "rb") as f:
-            return f.read()
-    from apache_beam.io.filesystems import FileSystems  # storage only, no pipeline
-    with FileSystems.open(uri, compression_type="uncompressed") as f:
-        return f.read()
+    """A whole (small) store, lookup or metadata file, from any scheme."""
+    from . import storage
+    return b"".join(storage.iter_chunks(uri))
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:
-    if _is_local(uri):
-        import os
-        path = _local(uri)
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{os.path.dirname(path)}/.tmp-{os.getpid()}-{os.path.basename(path)}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return
-    from apache_beam.io.filesystems import FileSystems
-    with FileSystems.create(uri, mime_type="application/octet-stream") as f:  # one upload: atomic
-        f.write(data)
+    """Written whole or not at all (local: temp + fsync + rename; object stores: one upload)."""
+    from . import storage
+    storage.write_bytes(uri, data, durable=True)
 
 
 def exists(uri: str) -> bool:
-    if _is_local(uri):
-        import os
-        return os.path.exists(_local(uri))
-    from apache_beam.io.filesystems import FileSystems
-    return FileSystems.exists(uri)
+    from . import storage
+    return storage.exists(uri)
 
 
 def list_store_parts(sdir: str) -> list[str]:
-    pattern = f"{sdir.rstrip('/')}/part-*.parquet"
-    if _is_local(pattern):
-        import glob
-        return sorted(glob.glob(_local(pattern)))
-    from apache_beam.io.filesystems import FileSystems
-    return sorted(m.path for r in FileSystems.match([pattern]) for m in r.metadata_list)
+    from . import storage
+    return sorted(i.uri for i in storage.iter_objects(f"{sdir.rstrip('/')}/part-*.parquet"))
 
 
 # ----------------------------------------------------------------------------- tables

@@ -744,7 +744,7 @@ def sha256_of(uri: str) -> Optional[str]:
 
 # --- writing -----------------------------------------------------------------------------
 def write_bytes(uri: str, data: bytes, content_type: str = "application/octet-stream",
-                on_retry=None) -> None:
+                on_retry=None, durable: bool = False) -> None:
     """Write a whole object: local temp name + rename; object stores: one upload, which
     appears atomically (never a partial object at its name)."""
     s = scheme(uri)
@@ -754,6 +754,9 @@ def write_bytes(uri: str, data: bytes, content_type: str = "application/octet-st
         tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
         with open(tmp, "wb") as f:
             f.write(data)
+            if durable:  # stores and records that must survive a crash; not the hot path
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
         return
 

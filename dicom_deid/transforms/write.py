@@ -15,11 +15,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 
 from .. import manifest, storage, writer
 from ..element import DUPLICATE, OK, QUARANTINED, Outcome
@@ -30,43 +28,16 @@ OUTCOME_PARTS = "outcome_parts"
 SOP_UID_CONFLICT = "sop_uid_conflict"
 
 
-def _is_local(uri: str) -> bool:
-    return "://" not in uri or uri.startswith("file://")
-
-
-def _local(uri: str) -> str:
-    return uri[7:] if uri.startswith("file://") else uri
-
-
 def write_bytes(uri: str, data: bytes) -> None:
-    """Write a whole object: local temp name + rename; object stores: one upload."""
-    if _is_local(uri):
-        path = _local(uri)
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-        return
-    storage.write_bytes(uri, data, content_type="application/dicom")  # one upload: atomic
-
-
-def read_sha256(uri: str):
-    """sha256 of an existing object, or None when absent."""
-    if _is_local(uri):
-        try:
-            with open(_local(uri), "rb") as f:
-                return hashlib.file_digest(f, "sha256").hexdigest()
-        except FileNotFoundError:
-            return None
-    return storage.sha256_of(uri)
+    """Stage a whole object (local: temp name + rename; object stores: one upload)."""
+    storage.write_bytes(uri, data, content_type="application/dicom")
 
 
 def publish(staged: str, final: str) -> None:
-    if _is_local(staged) and _is_local(final):
-        dst = _local(final)
+    if storage.is_local(staged) and storage.is_local(final):
+        dst = storage.local_path(final)
         os.makedirs(os.path.dirname(dst), exist_ok=True)
-        os.replace(_local(staged), dst)
+        os.replace(storage.local_path(staged), dst)  # same filesystem: a rename
         return
     storage.copy(staged, final)  # server-side copy: the final object appears atomically
     storage.delete(staged)
@@ -74,12 +45,9 @@ def publish(staged: str, final: str) -> None:
 
 def discard(staged: str) -> None:
     try:
-        if _is_local(staged):
-            os.unlink(_local(staged))
-        else:
-            storage.delete(staged)
-    except (FileNotFoundError, OSError):
-        pass
+        storage.delete(staged)
+    except OSError:
+        pass  # a leftover staged file never affects published outputs
 
 
 class WriteDicom(beam.PTransform):
@@ -157,7 +125,7 @@ class _CommitFn(beam.DoFn):
         winner = records[0]
         final = winner["row"]["output_path"]
         try:
-            existing = read_sha256(final)
+            existing = storage.sha256_of(final)
         except TRANSIENT:
             raise
         for i, rec in enumerate(records):
