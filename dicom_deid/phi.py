@@ -9,7 +9,7 @@ from __future__ import annotations
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from .dsutil import iter_elements
+from .dsutil import walk as iter_raw
 from .element import PhiContext
 
 # Identifying attributes whose values are collected, by kind. PN values are collected
@@ -76,26 +76,31 @@ def extract(ds: Dataset) -> PhiContext:
     orgs: list[str] = []
 
     def walk(d: Dataset):
-        for _path, elem in iter_elements(d):
-            vr = elem.VR
+        # values converted only for the elements collected (see dsutil.walk)
+        for _path, tag, vr, elem, parent in iter_raw(d):
             if vr == "SQ":
                 continue
-            tag = int(elem.tag)
+            if vr == "PN":
+                kind = names
+            elif tag in id_tags:
+                kind = ids
+            elif tag in date_tags:
+                kind = dates
+            elif tag in text_tags:
+                kind = texts
+            elif tag in org_tags:
+                kind = orgs
+            else:
+                continue
             try:
-                value = elem.value
+                value = parent[tag].value
             except Exception:
                 continue
-            if vr == "PN":
+            if kind is names:
                 for v in _values(value):
                     names.extend(_name_components(v))
-            elif tag in id_tags:
-                ids.extend(_values(value))
-            elif tag in date_tags:
-                dates.extend(_values(value))
-            elif tag in text_tags:
-                texts.extend(_values(value))
-            elif tag in org_tags:
-                orgs.extend(_values(value))
+            else:
+                kind.extend(_values(value))
 
     walk(ds)
     # OtherPatientIDsSequence items carry PatientID and are reached by iterall

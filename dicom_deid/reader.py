@@ -17,7 +17,6 @@ from pydicom.errors import InvalidDicomError
 
 from . import phi
 from .element import DicomObject, InputRef
-from .dsutil import iter_elements
 from .errors import CorruptElement, EmptyInput, NotDicom, TruncatedInput, UnsupportedObject
 from .keys import Deriver
 from .safety import configure_pydicom, quiet
@@ -81,14 +80,17 @@ def parse(ref: InputRef, deriver: Deriver, data: Optional[bytes] = None,
         if len(ds) == 0:
             raise NotDicom()
         _check_lengths(ds, size)
-        # Materialise every non-deferred value now so corrupt structure fails here,
-        # in the read stage, and not halfway through the tag transform.
-        _touch(ds)
+        # One walk over the header: sequences are parsed (corrupt structure fails here, in
+        # the read stage, not halfway through the tag transform) and identifying values
+        # collected. Other values stay raw bytes until a stage needs them (dsutil.walk).
+        try:
+            context = phi.extract(ds)
+        except NotImplementedError:
+            raise UnsupportedObject() from None
         sop_class = str(ds.get("SOPClassUID", "") or "")
         meta = getattr(ds, "file_meta", None)
         if not sop_class and meta is not None:
             sop_class = str(meta.get("MediaStorageSOPClassUID", "") or "")
-        context = phi.extract(ds)
     obj = DicomObject(ref, ds, context, sha, deriver.content_fingerprint(sha), temp_path=temp_path)
     ts = str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
     obj.facts.update(
@@ -120,11 +122,3 @@ def _check_lengths(ds, size: int) -> None:
             if int(tag) in BULK_TAGS:
                 raise TruncatedInput()
             raise CorruptElement()
-
-
-def _touch(ds) -> None:
-    try:
-        for _path, elem in iter_elements(ds):
-            elem.value  # noqa: B018 - converting raw elements raises on corrupt ones
-    except NotImplementedError:
-        raise UnsupportedObject() from None

@@ -31,6 +31,7 @@ from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 
 from . import __version__, standard
+from .dsutil import vr_of
 from .element import DicomObject
 from .keys import Deriver, REGISTRY_UID_ROOT
 from .policy import BASIC_CODE, OPTION_CODES, Policy
@@ -245,7 +246,8 @@ def _walk(ds: Dataset, path: tuple, ctx: _Ctx, cleaning: bool = False) -> None:
                 if ov is not None and ov.action != "remove":
                     extra.add((t >> 16 << 16) | ((t & 0xFFFF) >> 8))
         keep_private = frozenset(keep_private | extra)
-    for tag in list(ds.keys()):
+    fast = ctx.log is None  # `inspect` notes every value: no shortcuts there
+    for tag, raw in list(ds.items()):
         t = int(tag)
         if path == () and t in (PATIENT_ID, PATIENT_NAME) or t in _MARKERS and path == ():
             continue
@@ -291,6 +293,9 @@ def _walk(ds: Dataset, path: tuple, ctx: _Ctx, cleaning: bool = False) -> None:
             if ov is not None:
                 _override(ds, ds[tag], ov, path, ctx)
                 continue
+        # the VR without converting the value; values are converted only where an action
+        # needs them (dsutil.walk), every other element is written back as its raw bytes
+        vr = vr_of(t, raw) if fast else None
         codes = rules.by_tag.get(t)
         if codes is None:
             if (rules.allowlist is not None and t not in rules.allowlist and path == ()
@@ -300,18 +305,36 @@ def _walk(ds: Dataset, path: tuple, ctx: _Ctx, cleaning: bool = False) -> None:
                 del ds[tag]
                 ctx.counts.removed += 1
                 continue
+            if vr is not None and vr not in _UNLISTED_NEEDS_VALUE and not (
+                    cleaning and (vr in _TEXT_VRS or vr == "PN")):
+                ctx.counts.kept += 1  # what _unlisted does for such an element, unconverted
+                continue
             _unlisted(ds, ds[tag], path, ctx, cleaning)
             continue
         code, basic = codes
-        elem = ds[tag]
+        if vr is None:
+            elem = ds[tag]
+            vr = elem.VR
+        else:
+            elem = None
         action = _resolve(code, path + (t,), ctx)
-        if action == "C" and not _cleanable(elem, ctx):
+        if action == "C" and not _cleanable_vr(vr, ctx):
             action = _resolve(basic, path + (t,), ctx)  # cannot clean this value: Basic applies
-        _apply(ds, elem, action, path, ctx)
+        if fast and elem is None and (action == "X" or action == "K" and vr != "SQ"):
+            if action == "X":
+                del ds[tag]
+                ctx.counts.removed += 1
+            else:
+                ctx.counts.kept += 1
+            continue
+        _apply(ds, elem if elem is not None else ds[tag], action, path, ctx)
 
 
-def _cleanable(elem: DataElement, ctx: _Ctx) -> bool:
-    vr = elem.VR
+#: unlisted elements whose value _unlisted must see (remapped UIDs, shifted dates, items)
+_UNLISTED_NEEDS_VALUE = frozenset({"SQ", "UI", "DA", "DT"})
+
+
+def _cleanable_vr(vr: str, ctx: _Ctx) -> bool:
     if vr in ("DA", "DT", "TM"):
         return ctx.rules.shift_dates
     return vr == "SQ" or vr in _TEXT_VRS or vr == "PN"

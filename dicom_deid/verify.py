@@ -15,7 +15,7 @@ from typing import Iterable
 
 from pydicom.dataset import Dataset
 
-from .dsutil import iter_elements
+from .dsutil import walk
 from .element import DicomObject, PhiContext
 
 MIN_NAME = 4
@@ -53,42 +53,96 @@ def tokens(phi: PhiContext) -> tuple[frozenset, frozenset]:
     return frozenset(words), frozenset(ids)
 
 
-def _pattern(values: Iterable[str]):
-    vals = sorted(values, key=len, reverse=True)
-    if not vals:
-        return None
-    return re.compile(r"(?<![A-Z0-9])(?:" + "|".join(re.escape(v) for v in vals) + r")(?![A-Z0-9])")
+class _Matcher:
+    """Finds any of the tokens as a whole word: not preceded or followed by an ASCII letter
+    or digit (the text is upper-cased first). Plain substring search per token, boundaries
+    checked at each occurrence: no regular expression compiled per object."""
+
+    def __init__(self, values: Iterable[str]):
+        self.tokens = sorted(set(values), key=len, reverse=True)
+
+    def __bool__(self):
+        return bool(self.tokens)
+
+    def search(self, text: str) -> bool:
+        for tok in self.tokens:
+            start = text.find(tok)
+            while start >= 0:
+                end = start + len(tok)
+                if (start == 0 or text[start - 1] not in _WORD) and (end == len(text) or text[end] not in _WORD):
+                    return True
+                start = text.find(tok, start + 1)
+        return False
+
+
+_WORD = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
 
 
 #: the conformance markers we write ourselves (their text is ours, not the object's)
 OWN_MARKERS = frozenset({0x00120062, 0x00120063, 0x00120064})
 
 
+#: character sets whose text decodes byte for byte without escape sequences (the default
+#: repertoire, Latin-1, UTF-8); other sets are decoded by pydicom, element by element
+_DIRECT_CHARSETS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8",
+                    "ISO 2022 IR 6": "latin-1", "ISO 2022 IR 100": "latin-1"}
+#: binary numbers too small to hold an identifier of MIN_NUMERIC_ID digits
+_SHORT_NUMBERS = frozenset({"US", "SS", "AT"})
+
+
 def _text_values(ds: Dataset):
-    for path, elem in iter_elements(ds):
-        if elem.VR == "SQ" or int(elem.tag) in OWN_MARKERS or any(t in OWN_MARKERS for t in path):
+    """Every decoded text value (private and UN included) as ``(path, tag, text)``; raw
+    elements are decoded from their bytes, without pydicom's value conversion."""
+    from pydicom.dataelem import RawDataElement
+    codec = None
+    for path, tag, vr, elem, parent in walk(ds):
+        if vr == "SQ" or tag in OWN_MARKERS or any(t in OWN_MARKERS for t in path):
             continue
+        if isinstance(elem, RawDataElement):
+            if vr in _SHORT_NUMBERS:
+                continue
+            if vr in _BINARY_NUMBERS:
+                elem = parent[tag]  # a number as its digits
+            else:
+                if codec is None:
+                    cs = ds.get("SpecificCharacterSet", "") or ""
+                    cs = cs if isinstance(cs, str) else (cs[0] if len(cs) == 1 else "\\")
+                    codec = _DIRECT_CHARSETS.get(cs.strip(), "")
+                b = elem.value or b""
+                if not codec and vr in _CHARSET_VRS and b:
+                    elem = parent[tag]  # escape sequences / multi-byte sets: pydicom decodes
+                else:
+                    yield path, tag, bytes(b).decode((codec or "latin-1") if vr in _CHARSET_VRS else "latin-1", "replace")
+                    continue
         v = elem.value
         if v is None:
             continue
         if isinstance(v, (bytes, bytearray)):
-            yield path, elem.tag, bytes(v).decode("latin-1", "replace")
+            yield path, tag, bytes(v).decode("latin-1", "replace")
         elif isinstance(v, (list, tuple)) or (hasattr(v, "__iter__") and not isinstance(v, str)):
-            yield path, elem.tag, "\\".join(str(x) for x in v)
+            yield path, tag, "\\".join(str(x) for x in v)
         else:
-            yield path, elem.tag, str(v)
+            yield path, tag, str(v)
+
+
+_BINARY_NUMBERS = frozenset({"UL", "SL", "UV", "SV", "FL", "FD"})
+#: VRs whose bytes are text in the object's character set (PS3.5 6.1.2.2)
+_CHARSET_VRS = frozenset({"SH", "LO", "ST", "LT", "UC", "UT", "PN"})
 
 
 def find_residuals(obj: DicomObject, output_bytes: bytes) -> list[str]:
     """Return findings as ``"<kind>:<tag>"`` strings (no values)."""
     words, ids = tokens(obj.phi)
-    pat = _pattern(words | ids)
+    pat = _Matcher(words | ids)
     findings: list[str] = []
     ds = obj.dataset
-    if pat is not None:
-        for _path, tag, text in _text_values(ds):
-            if pat.search(text.upper()):
-                findings.append(f"{RESIDUAL_PHI}:{int(tag):08X}")
+    if pat:
+        values = list(_text_values(ds))
+        # one search over every value (NUL-separated: a boundary); per value only on a hit
+        if pat.search("\0".join(text for _p, _t, text in values).upper()):
+            for _path, tag, text in values:
+                if pat.search(text.upper()):
+                    findings.append(f"{RESIDUAL_PHI}:{int(tag):08X}")
         meta = getattr(ds, "file_meta", None)
         if meta is not None:
             for elem in meta:
