@@ -81,20 +81,32 @@ def scan_header(uri: str, deriver: keys.Deriver, mode: str) -> tuple[Optional[di
     # local file, or ranged reads on object stores: only the first blocks are fetched, and
     # nothing logs the object's name on an HTTP error (Beam's s3io would)
     from .. import storage
+    if storage.is_local(uri):
+        # a plain buffered file: pydicom asks for tell() at every element, and a Python
+        # counting wrapper made that a large share of the scan; bytes read ~ final position
+        with open(storage.local_path(uri), "rb", buffering=SCAN_BUFFER) as fp, quiet():
+            record = _scan(fp, deriver, mode)
+            return record, fp.tell()
     src = storage.open_read(uri)
     raw = _CountingRaw(src)
     try:
         with io.BufferedReader(raw, buffer_size=SCAN_BUFFER) as fp, quiet():
-            ds = pydicom.dcmread(fp, force=True, stop_before_pixels=True, specific_tags=list(SCAN_TAGS))
-            meta = getattr(ds, "file_meta", None)
-            sop = str(ds.get("SOPClassUID", "") or "") or (
-                str(meta.get("MediaStorageSOPClassUID", "") or "") if meta is not None else "")
-            if sop == DICOMDIR_SOP_CLASS:
-                return None, raw.count
-            pk = ps.person_key(ds, deriver, mode)
+            record = _scan(fp, deriver, mode)
     finally:
         src.close()
-    return {"person": pk.hmac, "kind": pk.kind, "candidates": pk.candidates}, raw.count
+    return record, raw.count
+
+
+def _scan(fp, deriver: keys.Deriver, mode: str) -> Optional[dict]:
+    import pydicom
+    ds = pydicom.dcmread(fp, force=True, stop_before_pixels=True, specific_tags=list(SCAN_TAGS))
+    meta = getattr(ds, "file_meta", None)
+    sop = str(ds.get("SOPClassUID", "") or "") or (
+        str(meta.get("MediaStorageSOPClassUID", "") or "") if meta is not None else "")
+    if sop == DICOMDIR_SOP_CLASS:
+        return None
+    pk = ps.person_key(ds, deriver, mode)
+    return {"person": pk.hmac, "kind": pk.kind, "candidates": pk.candidates}
 
 
 class ScanHeaders(beam.PTransform):
