@@ -110,8 +110,7 @@ def _check_lengths(ds, size: int) -> None:
     from pydicom.dataelem import RawDataElement
 
     from .dsutil import BULK_TAGS
-    for tag in list(ds.keys()):
-        raw = ds.get_item(tag, keep_deferred=True)
+    for tag, raw in ds.items():  # elements as read: nothing converted or loaded
         if not isinstance(raw, RawDataElement) or raw.length in (None, 0xFFFFFFFF):
             continue
         if isinstance(raw.value, (bytes, bytearray)):
