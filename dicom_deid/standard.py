@@ -204,11 +204,6 @@ def _iod_module_map() -> dict[str, list[dict[str, str]]]:
 
 
 @functools.cache
-def _module_attribute_map() -> dict[str, list[dict[str, Any]]]:
-    return _load_json("module_attribute_map.json")
-
-
-@functools.cache
 def _tag_for_keyword(keyword: str) -> int | None:
     """Keyword -> int tag; repeating-group keywords (60xx overlays) map to group 0x6000."""
     from pydicom.datadict import RepeatersDictionary, tag_for_keyword
@@ -222,19 +217,58 @@ def _tag_for_keyword(keyword: str) -> int | None:
     return None
 
 
+def _iter_module_attribute_map():
+    """``(module key, attribute dicts)`` of the packaged module tables, one module at a time.
+
+    The tables parsed whole are about 100,000 dicts (~60 MB of Python objects); parsed module
+    by module, only one module's dicts exist at a time, so a worker's resident memory never
+    holds them (its allocator would keep the pages after they are freed)."""
+    text = gzip.decompress(_read_resource("module_attribute_map.json.gz")).decode("utf-8")
+    decoder = json.JSONDecoder()
+    ws = re.compile(r"[ \t\n\r]*")
+    i = ws.match(text, 0).end()
+    if text[i] != "{":
+        raise ValueError("module_attribute_map.json: not an object")
+    i = ws.match(text, i + 1).end()
+    while text[i] != "}":
+        key, i = decoder.raw_decode(text, i)
+        i = ws.match(text, i).end()
+        if text[i] != ":":
+            raise ValueError("module_attribute_map.json: malformed")
+        value, i = decoder.raw_decode(text, ws.match(text, i + 1).end())
+        yield key, value
+        i = ws.match(text, i).end()
+        if text[i] == ",":
+            i = ws.match(text, i + 1).end()
+
+
 @functools.cache
+def _all_module_paths() -> dict[str, tuple[tuple[tuple[int, ...], str], ...]]:
+    """module key -> (path of int tags, type) for every typed attribute, for all modules
+    (a compact form, ~12 MB, built once per process)."""
+    out = {}
+    paths: dict[tuple[int, ...], tuple[int, ...]] = {}  # one tuple per distinct path
+    for module_key, attrs in _iter_module_attribute_map():
+        entries = []
+        for attr in attrs:
+            typ = attr.get("type")
+            if typ not in _TYPE_RANK:  # "None": print/DIMSE modules without attribute types
+                continue
+            tags = tuple(_tag_for_keyword(kw) for kw in (*attr.get("path", ()), attr["keyword"]))
+            if any(t is None for t in tags):
+                continue
+            entries.append((paths.setdefault(tags, tags), _TYPES[typ]))
+        out[module_key] = tuple(entries)
+    return out
+
+
+#: the type strings, shared
+_TYPES = {t: t for t in ("1", "1C", "2", "2C", "3")}
+
+
 def _module_paths(module_key: str) -> tuple[tuple[tuple[int, ...], str], ...]:
     """(path of int tags, type) for every typed attribute of a module."""
-    out = []
-    for attr in _module_attribute_map().get(module_key, ()):
-        typ = attr.get("type")
-        if typ not in _TYPE_RANK:  # "None": print/DIMSE modules without attribute types
-            continue
-        tags = tuple(_tag_for_keyword(kw) for kw in (*attr.get("path", ()), attr["keyword"]))
-        if any(t is None for t in tags):
-            continue
-        out.append((tags, typ))
-    return tuple(out)
+    return _all_module_paths().get(module_key, ())
 
 
 def _normalize_uid(uid: str) -> str:
