@@ -98,6 +98,8 @@ def _text_values(ds: Dataset):
     for path, tag, vr, elem, parent in walk(ds):
         if vr == "SQ" or tag in OWN_MARKERS or any(t in OWN_MARKERS for t in path):
             continue
+        if isinstance(elem, RawDataElement) and elem.value is None:
+            elem = parent[tag]  # deferred (large inputs read from a temp file): load it
         if isinstance(elem, RawDataElement):
             if vr in _SHORT_NUMBERS:
                 continue
