@@ -22,7 +22,8 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # pixel codecs (permissive licences only; pylibjpeg-libjpeg is GPL and not listed)
     "codecs": ["pylibjpeg==2.1.0", "pylibjpeg-openjpeg==2.6.0", "pyjpegls==1.5.1"],
-    "gcp": ["apache-beam[gcp]==2.77.0", "google-cloud-storage==3.17.1"],
+    # google-cloud-secret-manager: --key gcpsm://... (not pulled in by apache-beam[gcp])
+    "gcp": ["apache-beam[gcp]==2.77.0", "google-cloud-storage==3.17.1", "google-cloud-secret-manager==2.32.0"],
     "aws": ["apache-beam[aws]==2.77.0", "boto3==1.44.8"],
     "tests": ["pytest==9.2.0", "pytest-timeout==2.4.0", "duckdb==2.0.1", "pandas==3.1.1",
               "highdicom==0.28.2",
@@ -30,6 +31,7 @@ EXTRAS = {
               "python-hcl2==8.1.4",
               # storage tests: Beam's GCS and S3 filesystems against real local servers
               "apache-beam[gcp,aws]==2.77.0", "google-cloud-storage==3.17.1", "boto3==1.44.8",
+              "google-cloud-secret-manager==2.32.0",  # gcpsm:// keys against a local gRPC server
               "moto[server]==5.2.5", "gcp-storage-emulator==2026.7.19"],
 }
 

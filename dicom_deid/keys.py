@@ -93,10 +93,28 @@ def _gcp_secret(name: str) -> bytes:
     if "/versions/" not in name:
         name += "/versions/latest"
     try:
-        resp = sm.SecretManagerServiceClient().access_secret_version(request={"name": name})
+        resp = _secret_manager_client(sm).access_secret_version(request={"name": name})
         return bytes(resp.payload.data)
     except Exception as exc:  # never the message: keep the class only
         raise ConfigError(f"could not read the key from GCP Secret Manager ({type(exc).__name__})") from None
+
+
+#: ``host:port`` of a local Secret Manager server (tests; plaintext gRPC, no credentials)
+SECRET_MANAGER_EMULATOR_ENV = "DICOM_DEID_SECRET_MANAGER_EMULATOR_HOST"
+
+
+def _secret_manager_client(sm):
+    """The Secret Manager client: Google's endpoint with application default credentials,
+    or, when :data:`SECRET_MANAGER_EMULATOR_ENV` is set, a local server over plaintext gRPC
+    (as ``STORAGE_EMULATOR_HOST`` does for GCS)."""
+    host = os.environ.get(SECRET_MANAGER_EMULATOR_ENV)
+    if not host:
+        return sm.SecretManagerServiceClient()
+    import grpc
+    from google.cloud.secretmanager_v1.services.secret_manager_service.transports import (
+        SecretManagerServiceGrpcTransport)
+    return sm.SecretManagerServiceClient(
+        transport=SecretManagerServiceGrpcTransport(channel=grpc.insecure_channel(host)))
 
 
 def default_key_path() -> Path:

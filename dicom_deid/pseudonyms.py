@@ -37,7 +37,12 @@ import dataclasses
 import datetime as _dt
 import io
 import json
+import logging
+import os
+import random
 import re
+import threading
+import time
 from typing import Iterable, Iterator, Optional
 
 import pyarrow as pa
@@ -406,9 +411,11 @@ def check_store(sdir: str, fingerprint: str, create: bool = True) -> None:
             raise MixedKeyError(f"pseudonym store {sdir} was built with another key (fingerprint "
                                 f"{fp}, this key {fingerprint})")
     if create:
-        write_bytes_atomic(meta_uri, json.dumps(
-            {"schema": STORE_SCHEMA_VERSION, "key_fingerprint": fingerprint,
-             "created": _dt.datetime.now(_dt.timezone.utc).isoformat()}, indent=1).encode())
+        from . import storage
+        meta = json.dumps({"schema": STORE_SCHEMA_VERSION, "key_fingerprint": fingerprint,
+                           "created": _dt.datetime.now(_dt.timezone.utc).isoformat()}, indent=1).encode()
+        if not storage.create_if_absent(meta_uri, meta):  # another run made it first: its key?
+            check_store(sdir, fingerprint, create=False)
 
 
 def part_fingerprint(uri: str) -> Optional[str]:
@@ -528,3 +535,307 @@ def number_new(pending: Iterable[str], start_after: int, settings: Settings, der
 
 def shard_of(pk: str) -> int:
     return int(pk[:2], 16) % SHARDS
+
+
+# ----------------------------------------------------------------------------- store lock
+
+LOCK_DIR = "_lock"  # "_": parquet readers of the store folder skip it
+#: a holder renews its lease every quarter of it; another run may take over a lease that
+#: was not renewed for this long (crash, lost launcher)
+LOCK_LEASE_SECONDS = float(os.environ.get("DICOM_DEID_STORE_LOCK_LEASE", "300"))
+#: how long a run waits for another run's lease before it fails (backoff up to 15 s)
+LOCK_WAIT_SECONDS = float(os.environ.get("DICOM_DEID_STORE_LOCK_WAIT", "900"))
+#: tolerated difference between the clocks of two machines judging a lease's expiry
+LOCK_CLOCK_SKEW = 30.0
+_TICKET = re.compile(r"(\d{12})\.json")
+
+log = logging.getLogger("dicom_deid.pseudonyms")
+
+
+class StoreLocked(ConfigError):
+    """Another run holds the pseudonym store and did not let go in time."""
+
+
+class StoreLockUnsupported(ConfigError):
+    """The storage ignores conditional writes, so runs cannot be kept apart."""
+
+
+class StoreLockLost(RuntimeError):
+    """Raised inside the pipeline when another run took the store over: nothing is written."""
+
+    def __init__(self):
+        super().__init__("the pseudonym store is held by another run (this run's lease "
+                         "lapsed): no store entry written; run again when it has finished")
+
+
+def _lock_dir(sdir: str) -> str:
+    return f"{sdir.rstrip('/')}/{LOCK_DIR}"
+
+
+def _ticket_uri(sdir: str, seq: int) -> str:
+    return f"{_lock_dir(sdir)}/{seq:012d}.json"
+
+
+def _tickets(sdir: str) -> list[int]:
+    """Sequence numbers of the lock tickets present, newest first."""
+    from . import storage
+    out = []
+    for info in storage.iter_objects(f"{_lock_dir(sdir)}/*.json"):
+        m = _TICKET.fullmatch(info.uri.rsplit("/", 1)[-1])
+        if m:
+            out.append(int(m.group(1)))
+    return sorted(out, reverse=True)
+
+
+def latest_ticket(sdir: str) -> Optional[tuple[int, Optional[dict]]]:
+    """The newest lock ticket as ``(seq, content)`` (content None when unreadable), or None
+    when the store was never locked. Tickets are immutable; a run that holds the store
+    writes a newer one to renew or release it, and cleans up all but the last two."""
+    from . import storage
+    for _ in range(5):
+        seqs = _tickets(sdir)
+        if not seqs:
+            return None
+        try:
+            raw = read_bytes(_ticket_uri(sdir, seqs[0]))
+        except storage.ObjectNotFound:  # cleaned up between listing and reading: list again
+            continue
+        try:
+            t = json.loads(raw.decode("utf-8"))
+            return seqs[0], (t if isinstance(t, dict) else None)
+        except (ValueError, UnicodeDecodeError):
+            return seqs[0], None
+    return None
+
+
+def _ticket_live(t: Optional[dict], now: float) -> bool:
+    """Held and not expired by the clock (skew tolerated in the holder's favour)."""
+    if t is None:
+        return True
+    return t.get("state") == "held" and now <= float(t.get("expires", 0)) + LOCK_CLOCK_SKEW
+
+
+def release_from_pipeline(sdir: str, run_id: str) -> bool:
+    """Release the lease of run ``run_id`` once its new store entries are written (called
+    inside the pipeline after the last part file): other runs on the store may start their
+    own stage 1 while this run reads and writes objects. Writes a ``released`` ticket with
+    the holder's token, so the launcher sees its own lease released. False when the newest
+    ticket is not this run's live lease (no lock taken, already released)."""
+    from . import storage
+    for _ in range(20):
+        latest = latest_ticket(sdir)
+        if latest is None:
+            return False
+        seq, t = latest
+        if not t or t.get("run_id") != run_id or t.get("state") != "held":
+            return False
+        now = time.time()
+        data = json.dumps({"seq": seq + 1, "state": "released", "run_id": run_id, "token": t.get("token"),
+                           "lease_seconds": t.get("lease_seconds"), "written": now, "expires": now,
+                           "by": "pipeline"}, sort_keys=True).encode()
+        if storage.create_if_absent(_ticket_uri(sdir, seq + 1), data):
+            return True
+        # the launcher renewed meanwhile: look again
+    return False
+
+
+def check_store_holder(sdir: str, run_id: str) -> None:
+    """Fence for writers inside the pipeline: refuse when another run's live lease is the
+    newest ticket. A store never locked, released or expired is writable (pipelines built
+    without the launcher, as tests do, hold no lease)."""
+    latest = latest_ticket(sdir)
+    if latest is None:
+        return
+    _seq, t = latest
+    if t is not None and t.get("run_id") == run_id:
+        return
+    if _ticket_live(t, time.time()):
+        raise StoreLockLost()
+
+
+class StoreLock:
+    """One run at a time per pseudonym store, on local disks, gs:// and s3:// alike.
+
+    The lock is a series of immutable **tickets** ``{store}/_lock/{seq:012d}.json``; the
+    newest one says who holds the store until when. Every change (take, renew, release) is
+    writing ticket ``seq + 1`` with :func:`storage.create_if_absent`, a precondition the
+    store decides (local ``link(2)``, GCS ``ifGenerationMatch=0``, S3 ``If-None-Match: *``),
+    so of two runs racing for the same number exactly one wins, and a holder whose lease
+    was taken over learns it on its next renewal. A lease is free when released, expired
+    by the clock (plus :data:`LOCK_CLOCK_SKEW`), or not renewed for a whole lease while we
+    watched (clock-independent): a crashed run blocks others for one lease at most.
+
+    The launcher takes the lock before the pipeline starts and a daemon thread renews it
+    every quarter lease; the pipeline releases it (:func:`release_from_pipeline`) as soon
+    as its new store entries are written, at the end of stage 1, so runs on one store take
+    turns for the store read, decisions and part files, and overlap for the content stages.
+    Store writes are fenced (:func:`check_store_holder`). The part files stay immutable and
+    appear whole, so readers (``link export``, tools, a run's store read) need no lock.
+    Tickets carry the run id, a random token and times only.
+    """
+
+    def __init__(self, sdir: str, run_id: str, lease: Optional[float] = None,
+                 wait: Optional[float] = None):
+        import secrets
+        self.sdir, self.run_id = sdir.rstrip("/"), run_id
+        self.lease = float(LOCK_LEASE_SECONDS if lease is None else lease)
+        self.wait = float(LOCK_WAIT_SECONDS if wait is None else wait)
+        self.token = f"{run_id}.{secrets.token_hex(8)}"
+        self.seq: Optional[int] = None
+        self.exclusive = True   # False: the storage ignored the precondition (probe)
+        self.lost = False
+        self.released_early = False  # by the pipeline, once its store entries were written
+        self.waited = 0.0
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._expires = 0.0
+
+    # -- tickets
+    def _write(self, seq: int, state: str) -> bool:
+        """Create ticket ``seq``; True when it is ours."""
+        from . import storage
+        uri = _ticket_uri(self.sdir, seq)
+        now = time.time()
+        expires = now + self.lease if state == "held" else now
+        data = json.dumps({"seq": seq, "state": state, "run_id": self.run_id, "token": self.token,
+                           "lease_seconds": self.lease, "written": now, "expires": expires},
+                          sort_keys=True).encode()
+        ok = storage.create_if_absent(uri, data)
+        if not ok:
+            try:  # ours after all (an earlier attempt whose answer was lost)?
+                t = json.loads(read_bytes(uri).decode("utf-8"))
+                ok = isinstance(t, dict) and t.get("token") == self.token and t.get("state") == state
+            except Exception:  # noqa: BLE001 - unreadable or gone: not ours
+                ok = False
+        if ok:
+            self._expires = expires
+        return ok
+
+    def _cleanup(self) -> None:
+        from . import storage
+        try:
+            for seq in _tickets(self.sdir):
+                if self.seq is not None and seq < self.seq - 1:
+                    storage.delete(_ticket_uri(self.sdir, seq))
+        except Exception:  # noqa: BLE001 - old tickets are harmless
+            pass
+
+    # -- taking, renewing, releasing
+    def acquire(self, notify=None, require_exclusive: bool = False) -> "StoreLock":
+        """Take the store, waiting (backoff with jitter) up to ``wait`` seconds; raises
+        :class:`StoreLocked` with the holder's run id and lease when it stays taken."""
+        start = time.monotonic()
+        first_seen: dict[int, float] = {}
+        delay, told = 0.25, False
+        while True:
+            latest = latest_ticket(self.sdir)
+            now_m = time.monotonic()
+            if latest is None:
+                target, t, free = 1, None, True
+            else:
+                seq, t = latest
+                target = seq + 1
+                seen = first_seen.setdefault(seq, now_m)
+                lease = float((t or {}).get("lease_seconds", self.lease))
+                free = (not _ticket_live(t, time.time())) or (now_m - seen > lease)
+            if free and self._write(target, "held"):
+                self.seq = target
+                self.waited = time.monotonic() - start
+                self._probe(require_exclusive, notify)
+                self._cleanup()
+                self._thread = threading.Thread(target=self._renew_loop, name="store-lock-renew",
+                                                daemon=True)
+                self._thread.start()
+                return self
+            if free:
+                continue  # another run won this number: look again at once
+            waited = time.monotonic() - start
+            holder = (t or {}).get("run_id", "unknown")
+            until = _dt.datetime.fromtimestamp(float((t or {}).get("expires", 0)), _dt.timezone.utc)
+            if waited >= self.wait:
+                raise StoreLocked(
+                    f"the pseudonym store under --private is in use by run {holder} (lease until "
+                    f"{until:%Y-%m-%d %H:%M:%S} UTC, renewed while it runs); waited {waited:.0f} s. "
+                    "Runs sharing a --private prefix take turns: start this one when that run "
+                    "has finished (a crashed run's lease lapses by itself; "
+                    "DICOM_DEID_STORE_LOCK_WAIT sets the wait in seconds)")
+            if not told and notify is not None:
+                notify(f"note: the pseudonym store is in use by run {holder}; waiting up to "
+                       f"{self.wait:.0f} s for it")
+                told = True
+            time.sleep(min(delay * random.uniform(0.7, 1.3), max(0.05, self.wait - waited)))
+            delay = min(delay * 2, 15.0, max(0.05, self.lease / 4))  # a few looks per lease
+
+    def _probe(self, require_exclusive: bool, notify) -> None:
+        """A second create of our own ticket must be refused: else the storage ignores
+        conditional writes (emulators do) and the lock cannot keep runs apart."""
+        from . import storage
+        uri = _ticket_uri(self.sdir, self.seq)
+        if storage.create_if_absent(uri, read_bytes(uri)):
+            self.exclusive = False
+            msg = ("the storage under --private ignores conditional writes, so the pseudonym "
+                   "store lock cannot keep concurrent runs apart")
+            if require_exclusive:
+                self.release()
+                raise StoreLockUnsupported(msg + " (refused for the sequential strategy)")
+            log.warning("%s", msg)
+            if notify is not None:
+                notify("warning: " + msg)
+
+    def _renew_loop(self) -> None:
+        interval = max(0.05, self.lease / 4)
+        while not self._stop.wait(interval):
+            try:
+                if self._write(self.seq + 1, "held"):
+                    self.seq += 1
+                    latest = latest_ticket(self.sdir)
+                    if latest is not None and latest[0] > self.seq:
+                        # a number freed by another run's clean-up: that run holds the store
+                        # (ours was released by our pipeline, or taken over)
+                        self.lost = not self.released_early
+                        log.warning("pseudonym store lease of run %s: another run holds the store",
+                                    self.run_id)
+                        return
+                    self._cleanup()
+                    continue
+                try:
+                    t = json.loads(read_bytes(_ticket_uri(self.sdir, self.seq + 1)).decode("utf-8"))
+                except Exception:  # noqa: BLE001 - gone or unreadable
+                    t = None
+                if isinstance(t, dict) and t.get("token") == self.token and t.get("state") == "released":
+                    self.released_early = True   # the pipeline let go after its store commit
+                    return
+                latest = latest_ticket(self.sdir)
+                if latest is None or latest[0] > self.seq:  # someone took it over
+                    self.lost = True
+                    log.warning("pseudonym store lease of run %s was taken over by another run",
+                                self.run_id)
+                    return
+            except Exception:  # noqa: BLE001 - storage trouble: try again, unless it lapsed
+                if time.time() > self._expires:
+                    self.lost = True
+                    log.warning("pseudonym store lease of run %s lapsed (storage errors)", self.run_id)
+                    return
+
+    def release(self) -> None:
+        """Let go (a ``released`` ticket); never fails the run: a lease we cannot release
+        lapses by itself."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=max(5.0, self.lease))
+        if self.seq is None or self.lost:
+            return
+        try:
+            if self._write(self.seq + 1, "released"):
+                self.seq += 1
+                self._cleanup()
+        except Exception:  # noqa: BLE001
+            log.warning("could not release the pseudonym store lease of run %s; it lapses by itself",
+                        self.run_id)
+        self.seq = None
+
+    def __enter__(self):
+        return self if self.seq is not None else self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()

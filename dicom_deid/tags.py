@@ -588,16 +588,93 @@ def _dummy(elem: DataElement, ctx: _Ctx) -> None:
         elem.value = "ANONYMIZED"
 
 
+import re as _re  # noqa: E402 (date grammar, used by shift_date only)
+
+
 def shift_date(value: str, days: int) -> str:
-    """Shift a DA (YYYYMMDD) or the date part of a DT; unparsable values become empty."""
-    v = value.strip()
-    if len(v) < 8 or not v[:8].isdigit():
+    """Shift one DA or DT value by whole ``days``; anything unparsable becomes empty.
+
+    * Full dates (DA ``YYYYMMDD``; DT ``YYYYMMDD`` + optional ``HH[MM[SS[.F{1,6}]]]``):
+      the date moves by ``days``; time, fraction and UTC offset ``&ZZXX`` are kept as they
+      were.
+    * DT with year-month (``YYYYMM``) or year only (``YYYY``), optionally with ``&ZZXX``:
+      moved by the offset rounded to whole months (``days / 30.436875``) or whole years
+      (``days / 365.2425``), half away from zero, and kept at their precision. That is
+      shifting the middle of the month/year and truncating, without the calendar jitter
+      (month lengths, leap years) that would move two values of one patient by different
+      amounts: intervals between values of the same precision are kept exactly, and a
+      shifted partial value is at most one unit (month/year) from the period the exact
+      day shift of any day in it lands in.
+    * Legacy ACR-NEMA dates ``YYYY.MM.DD`` come out as ``YYYYMMDD``; query ranges
+      ``A-B``, ``-B``, ``A-`` have both ends shifted. Anything else (bad digits, impossible
+      dates, trailing text) is emptied: nothing unshifted is ever passed through.
+    """
+    v = value.strip(" \x00")
+    if not v:
         return ""
+    out = _shift_one(v, days)
+    if out is not None:
+        return out
+    # a range: the first '-' where both sides (one may be empty) are valid values
+    for i, ch in enumerate(v):
+        if ch == "-":
+            left, right = v[:i], v[i + 1:]
+            if not (left or right):
+                continue
+            a = _shift_one(left, days) if left else ""
+            b = _shift_one(right, days) if right else ""
+            if a is not None and b is not None:
+                return f"{a}-{b}"
+    return ""
+
+
+_DT_RE = _re.compile(r"(\d{4})(\d{2})?(\d{2})?((?:\d{2}(?:\d{2}(?:\d{2}(?:\.\d{1,6})?)?)?)?)"
+                    r"([+-]\d{4})?")
+_LEGACY_DA_RE = _re.compile(r"(\d{4})\.(\d{2})\.(\d{2})")
+_DAYS_PER_YEAR, _DAYS_PER_MONTH = 365.2425, 365.2425 / 12
+
+
+def _round_away(x: float) -> int:
+    return int(abs(x) + 0.5) * (1 if x >= 0 else -1)
+
+
+def _shift_one(v: str, days: int) -> Optional[str]:
+    """One DA/DT value (no range) shifted, or None when it is not a valid value."""
+    m = _LEGACY_DA_RE.fullmatch(v)
+    if m:
+        v = "".join(m.groups())
+    m = _DT_RE.fullmatch(v)
+    if not m:
+        return None
+    y, mo, d, time, tz = m.groups()
+    if (time and d is None) or (d is not None and mo is None):
+        return None
+    if tz and (int(tz[1:3]) > 14 or int(tz[3:5]) > 59):
+        return None
+    if time and (int(time[0:2]) > 23 or (len(time) >= 4 and int(time[2:4]) > 59)
+                 or (len(time) >= 6 and int(time[4:6]) > 60)):
+        return None
+    year = int(y)
     try:
-        d = _dt.date(int(v[:4]), int(v[4:6]), int(v[6:8])) + _dt.timedelta(days=days)
-    except ValueError:
-        return ""
-    return d.strftime("%Y%m%d") + v[8:]
+        if d is not None:
+            nd = _dt.date(year, int(mo), int(d)) + _dt.timedelta(days=days)
+            return f"{nd:%Y%m%d}{time}{tz or ''}"
+        if mo is not None:
+            month = int(mo)
+            if not 1 <= month <= 12:
+                return None
+            n = year * 12 + (month - 1) + _round_away(days / _DAYS_PER_MONTH)
+            year, month = divmod(n, 12)
+            month += 1
+            if not 1 <= year <= 9999:
+                return None
+            return f"{year:04d}{month:02d}{tz or ''}"
+        year += _round_away(days / _DAYS_PER_YEAR)
+        if not 1 <= year <= 9999:
+            return None
+        return f"{year:04d}{tz or ''}"
+    except (ValueError, OverflowError):  # impossible date, or shifted out of 0001..9999
+        return None
 
 
 def _shift(elem: DataElement, days: int) -> None:
@@ -609,8 +686,10 @@ def _shift(elem: DataElement, days: int) -> None:
     if isinstance(v, str):
         parts = v.split("\\")
         elem.value = "\\".join(shift_date(p, days) for p in parts)
-    else:
+    elif hasattr(v, "__iter__"):  # MultiValue / list
         elem.value = [shift_date(str(p), days) for p in v]
+    else:  # a single pydicom DA/DT object (datetime conversion on): its original text
+        elem.value = shift_date(str(v), days)
 
 
 def _file_meta(ds: Dataset, ctx: _Ctx) -> None:

@@ -11,6 +11,7 @@
                                                 CoGroupByKey(person HMAC) ─> Decide
         ─> sequential: GroupByKey(None) ─> Number (single writer, store max as side input)
         ─> GroupByKey(shard) ─> CommitStore (new immutable part files) ─> (HMAC, entry)
+                                                      └─> (all committed) ReleaseStoreLock
 
 Everything grouped or broadcast here is keyed by an HMAC of the person key and carries
 HMACs, pseudonyms, offsets and counts only: plaintext identifiers are hashed inside the
@@ -288,11 +289,27 @@ class _CommitStoreFn(beam.DoFn):
         items = sorted(items, key=lambda t: t[0])
         rows = [row for _pk, _entry, row in items if row is not None]
         if rows:
+            # fence: never write while another run's live lease is the newest (this run's
+            # launcher holds one; see pseudonyms.StoreLock)
+            ps.check_store_holder(self._dir, self._run_id)
             ps.write_store_part(self._dir, f"part-{self._run_id}-{shard:02d}.parquet", rows, self._fp)
             self._written.inc(len(rows))
         for pk, entry, _row in items:
             self._entries.inc()
             yield pk, entry
+
+
+class _ReleaseStoreLockFn(beam.DoFn):
+    """After the last store part of the run: release the launcher's lease (a no-op when
+    this run holds none, as in pipelines built without the launcher)."""
+
+    def __init__(self, run_id, store_dir):
+        self._run_id, self._dir = run_id, store_dir
+
+    def process(self, _count):
+        if ps.release_from_pipeline(self._dir, self._run_id):
+            counter("pseudonyms", "store_lock_released").inc()
+        return []
 
 
 class BuildPseudonymMap(beam.PTransform):
@@ -349,6 +366,9 @@ class BuildPseudonymMap(beam.PTransform):
         grouped = (all_decided | "ByShard" >> beam.Map(lambda t: (ps.shard_of(t[0]), t))
                    | "GroupShards" >> beam.GroupByKey())
         the_map = grouped | "CommitStore" >> beam.ParDo(_CommitStoreFn(run_id, ref, s.store_dir))
+        # every new entry is in the store: let the next run on this store start its stage 1
+        _ = (the_map | "MapEntriesCommitted" >> beam.combiners.Count.Globally()
+             | "ReleaseStoreLock" >> beam.ParDo(_ReleaseStoreLockFn(run_id, s.store_dir)))
         return {MAP: the_map, "scanned": scanned, "persons": persons, "candidates": cands,
                 "lookup": lookup, "exclusions": excl, "matched": matched, "store": store,
                 "decided": decided["decided"], "pending": decided[_DecideFn.PENDING],

@@ -193,3 +193,19 @@ def test_mixed_key_store_fails_the_job(world, tmp_path):
          | BuildPseudonymMap(run, world["key"], settings))
     with pytest.raises(Exception, match="another key"):
         p.run().wait_until_finish()
+
+
+def test_store_writes_fenced_by_another_runs_live_lease(world, tmp_path):
+    """A run whose lease lapsed and was taken over (or a pipeline built without the
+    launcher's lock) never writes store parts while another run holds the store."""
+    priv = tmp_path / "priv"
+    sdir = ps.store_dir(str(priv))
+    other = ps.StoreLock(sdir, "other-run", lease=60).acquire()
+    try:
+        with pytest.raises(Exception, match="held by another run"):
+            _run_map(world, priv, "r1")
+        assert not glob.glob(f"{sdir}/part-*.parquet")
+    finally:
+        other.release()
+    entries, c = _run_map(world, priv, "r1")          # released: the same run now writes
+    assert len(entries) == 4 and c["store_rows_written"] == 4

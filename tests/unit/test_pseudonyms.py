@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -227,6 +228,71 @@ def test_shift_date_da_dt_offsets_partial_and_multivalued():
     assert list(e.value) == ["20191231", "20200101"]
 
 
+def test_shift_dt_year_and_year_month_keep_precision_and_offsets():
+    # whole years / months: the offset rounded (half away from zero), precision kept
+    assert tags.shift_date("2020", -400) == "2019"            # -1.10 y -> -1
+    assert tags.shift_date("2020", -3650) == "2010"           # -9.99 y -> -10
+    assert tags.shift_date("2020", -365) == "2019"            # never left unshifted in the default range
+    assert tags.shift_date("202003", -400) == "201902"        # -13.1 months -> -13
+    assert tags.shift_date("202001", -31) == "201912"         # across a year end
+    assert tags.shift_date("2020+0100", -400) == "2019+0100"  # UTC offset kept
+    assert tags.shift_date("202003-0530", -400) == "201902-0530"
+    assert tags.shift_date("202003 ", -400) == "201902"       # padding
+    # fractional seconds and offsets of full DTs kept digit for digit
+    assert tags.shift_date("20200301235959.5+1400", -1) == "20200229235959.5+1400"
+    assert tags.shift_date("2020030112-1200", -1) == "2020022912-1200"
+    # the leap-year jitter a literal "shift the mid-point day" would have: 2020 and 2021
+    # moved by different amounts for one patient (-183 d from 2 July lands in 2020 both
+    # times); whole-year rounding keeps the one-year interval
+    assert (tags.shift_date("2020", -183), tags.shift_date("2021", -183)) == ("2019", "2020")
+
+
+@pytest.mark.parametrize("days", [-3650, -2000, -1001, -400, -365, -183, -30, -1, 1, 45, 200])
+def test_partial_dt_intervals_exact_and_error_at_most_one_unit(days):
+    def ym(s):
+        return int(s[:4]) * 12 + int(s[4:6]) - 1
+    months = [f"{y:04d}{m:02d}" for y in (1999, 2000, 2023, 2024) for m in range(1, 13)]
+    shifted = {m: tags.shift_date(m, days) for m in months}
+    for a in months:  # intervals between values of the same precision kept exactly
+        for b in months[::7]:
+            assert ym(shifted[b]) - ym(shifted[a]) == ym(b) - ym(a)
+    for m in months:  # every day of the month, shifted exactly, lands within one month
+        y, mo = int(m[:4]), int(m[4:])
+        day = dt.date(y, mo, 1)
+        while day.month == mo:
+            exact = day + dt.timedelta(days=days)
+            assert abs((exact.year * 12 + exact.month - 1) - ym(shifted[m])) <= 1
+            day += dt.timedelta(days=1)
+    for y in (1999, 2000, 2023, 2024):
+        out = int(tags.shift_date(str(y), days))
+        assert out - y == int(tags.shift_date("2001", days)) - 2001
+        for doy in (0, 182, 364):
+            assert abs((dt.date(y, 1, 1) + dt.timedelta(days=doy + days)).year - out) <= 1
+
+
+def test_multivalued_dt_with_offsets_and_nothing_unshifted_passes():
+    from pydicom.dataelem import DataElement
+    e = DataElement(0x0040A120, "DT", ["20200301120000+0100", "202003-0500", "2020", "20200301"])
+    tags._shift(e, -366)
+    assert list(e.value) == ["20190301120000+0100", "201903-0500", "2019", "20190301"]
+    e = DataElement(0x0040A120, "DT", "2020+0000\\20200229000000.000001-1200")
+    tags._shift(e, -1)  # one day is less than half a year: the year-only value stays
+    assert list(e.value) == ["2020+0000", "20200228000000.000001-1200"]
+    e = DataElement(0x0040A120, "DT", b"202003+0100\\20200301")  # raw bytes, as read
+    tags._shift(e, -400)
+    assert list(e.value) == ["201902+0100", "20190126"]
+    # ranges (queries only): both ends shifted, never one passed through as it was
+    assert tags.shift_date("20200101-20201231", -10) == "20191222-20201221"
+    assert tags.shift_date("-20201231", -10) == "-20201221"
+    assert tags.shift_date("2019-2021", -365) == "2018-2020"
+    assert tags.shift_date("20200301-0500-20200401-0500", -1) == "20200229-0500-20200331-0500"
+    # legacy ACR-NEMA DA form normalised; everything else emptied, never passed through
+    assert tags.shift_date("2020.03.01", -1) == "20200229"
+    for bad in ("20200301 DOE", "20200301^SMITH", "20200230", "2020031", "202013",
+                "20200301250000", "20200301+1500", "20200301.5", "0001", "DOE 2020"):
+        assert tags.shift_date(bad, -400) == "", bad
+
+
 def test_offsets_in_range_never_zero_and_intervals_kept():
     d = keys.Deriver(K1, (-30, 30))
     offs = {d.date_offset_days(d.patient_key(f"P{i}", "")) for i in range(2000)}
@@ -265,3 +331,87 @@ def test_gcp_secret_manager_key_reference(monkeypatch):
                         types.SimpleNamespace(SecretManagerServiceClient=_Failing))
     with pytest.raises(ConfigError, match=r"\(PermissionError\)$"):
         keys.resolve(keys.KeyRef("gcpsm://projects/p1/secrets/deid-key/versions/3"))
+
+
+# ----------------------------------------------------------------------------- store lock
+
+def test_store_lock_take_wait_release_and_clear_error(tmp_path):
+    sdir = ps.store_dir(str(tmp_path / "priv"))
+    a = ps.StoreLock(sdir, "20260101T000000Z-aaaaaa", lease=5).acquire()
+    assert a.exclusive and a.seq == 1
+    ticket = json.loads(open(f"{sdir}/_lock/000000000001.json").read())
+    assert set(ticket) == {"seq", "state", "run_id", "token", "lease_seconds", "written", "expires"}
+    notes = []
+    b = ps.StoreLock(sdir, "20260101T000001Z-bbbbbb", lease=5, wait=0.6)
+    with pytest.raises(ps.StoreLocked, match="in use by run 20260101T000000Z-aaaaaa") as err:
+        b.acquire(notify=notes.append)
+    assert str(tmp_path) not in str(err.value)        # no path in the message
+    assert notes and "waiting up to" in notes[0]
+    # the fence inside the pipeline: another run's live lease refuses writes
+    ps.check_store_holder(sdir, a.run_id)
+    with pytest.raises(ps.StoreLockLost):
+        ps.check_store_holder(sdir, b.run_id)
+    a.release()
+    ps.check_store_holder(sdir, b.run_id)              # released: writable
+    with ps.StoreLock(sdir, b.run_id, lease=5, wait=1) as held:
+        assert held.seq == 3                          # 1 held, 2 released, 3 held
+    names = sorted(os.listdir(f"{sdir}/_lock"))
+    assert names == ["000000000003.json", "000000000004.json"]   # older tickets cleaned up
+    # parquet readers of the store folder skip the lock folder
+    ps.check_store(sdir, keys.Deriver(K1).key_fingerprint())
+    d = keys.Deriver(K1)
+    ps.write_store_part(sdir, "part-x-00.parquet", [ps.store_row("ab" * 32, "DDX", -400, "hmac",
+                                                                 d.key_fingerprint(), "x")], d.key_fingerprint())
+    assert pq.read_table(sdir).num_rows == 1
+
+
+def test_store_lock_renews_and_a_stalled_lease_is_taken_over(tmp_path):
+    import time
+    sdir = ps.store_dir(str(tmp_path / "priv"))
+    a = ps.StoreLock(sdir, "run-a", lease=0.4).acquire()
+    time.sleep(1.0)                                   # renewed every 0.1 s meanwhile
+    assert a.seq > 3 and not a.lost
+    assert len(os.listdir(f"{sdir}/_lock")) <= 3
+    a._stop.set()                                     # a crash: renewals stop, no release
+    a._thread.join()
+    b = ps.StoreLock(sdir, "run-b", lease=0.4, wait=10)
+    t0 = time.monotonic()
+    b.acquire()                                       # not renewed for a lease while watched
+    assert time.monotonic() - t0 < 3
+    assert not a._write(a.seq + 1, "held")            # the old holder cannot renew ...
+    with pytest.raises(ps.StoreLockLost):
+        ps.check_store_holder(sdir, "run-a")          # ... nor write store parts
+    b.release()
+
+
+def test_store_lock_unsupported_storage_is_detected(tmp_path, monkeypatch):
+    from dicom_deid import storage
+    real = storage.create_if_absent
+
+    def ignoring(uri, data, on_retry=None):          # a store that ignores the precondition
+        storage.write_bytes(uri, data)
+        return True
+    sdir = ps.store_dir(str(tmp_path / "priv"))
+    monkeypatch.setattr(storage, "create_if_absent", ignoring)
+    lk = ps.StoreLock(sdir, "r", lease=5).acquire()
+    assert not lk.exclusive
+    lk.release()
+    with pytest.raises(ps.StoreLockUnsupported, match="sequential"):
+        ps.StoreLock(sdir, "r2", lease=5).acquire(require_exclusive=True)
+    monkeypatch.setattr(storage, "create_if_absent", real)
+
+
+def test_pipeline_releases_the_lease_after_its_store_commit(tmp_path):
+    import time
+    sdir = ps.store_dir(str(tmp_path / "priv"))
+    a = ps.StoreLock(sdir, "run-a", lease=0.4).acquire()
+    assert not ps.release_from_pipeline(sdir, "run-b")          # not b's lease: nothing
+    assert ps.release_from_pipeline(sdir, "run-a")
+    assert not ps.release_from_pipeline(sdir, "run-a")          # already released
+    b = ps.StoreLock(sdir, "run-b", lease=5, wait=1).acquire()  # at once
+    time.sleep(0.3)
+    assert a.released_early and not a.lost                     # a's launcher saw it, quietly
+    a.release()                                                # and never releases b's lease
+    with pytest.raises(ps.StoreLockLost):
+        ps.check_store_holder(sdir, "run-a")
+    b.release()
