@@ -1,6 +1,9 @@
 #!/usr/bin/env python
 """Storage benchmark: local vs gs:// vs s3:// on the same files, listing at scale, and
-memory for one large object. Servers are local (gcp-storage-emulator, moto) on 127.0.0.1.
+memory for one large object. Servers are local on 127.0.0.1: moto (S3) and fake-gcs-server
+(GCS, Go, built with ``go install`` from the Go module proxy; gcp-storage-emulator when Go is
+missing). fake-gcs-server sits behind the tests' proxy (``tests/storage/servers.FaultProxy``,
+no faults) only to add the ``Content-ID`` headers its batch endpoint needs.
 
 One invocation measures, each pipeline run in its own subprocess (default local runner,
 FnApiRunner multi-processing on all cores), so the numbers compare within one run:
@@ -10,9 +13,11 @@ FnApiRunner multi-processing on all cores), so the numbers compare within one ru
                  that scheme; the local run writes local). files/s, MB/s, ratios to local.
     listing      100,000 tiny objects: time to the first name and to all names with
                  storage.iter_objects (streamed) vs Beam's FileSystems.match (collects), and
-                 the Python heap each holds (tracemalloc); local disk and S3 (moto).
+                 the Python heap each holds (tracemalloc); local disk, S3 (moto) and GCS.
+                 Listing runs in one process (not split across workers): names/s here is
+                 the ceiling of how fast a run can discover its inputs.
     first        time from launch to the first processed object (first staged output) for
-                 a pipeline over the 100,000 local names (killed then).
+                 a pipeline over 100,000 local names (small valid DICOM objects; killed then).
     large        one multi-frame object of --large-mb (default 1,024 MB; written streamed):
                  peak RSS of the run's process tree, and of a header-only read
                  (storage.open_read: ranged requests) from S3.
@@ -29,6 +34,7 @@ are noisy: read ratios within one invocation, not absolute numbers across invoca
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -47,11 +53,78 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
+import threading  # noqa: E402
+
 import throughput as tp  # noqa: E402  (process-tree sampler, cached corpus)
 from tests.storage import servers  # noqa: E402
 
 WORK = HERE / "_work" / "storage"
 KEY = "5a" * 32
+
+
+class LoadSampler(threading.Thread):
+    """Machine load while the benchmark runs: load average and the share of CPU time used
+    by processes outside this benchmark's own process tree (other people's work)."""
+
+    def __init__(self, interval: float = 10.0):
+        super().__init__(daemon=True)
+        self.interval, self.samples, self._halt = interval, [], threading.Event()
+
+    @staticmethod
+    def _cpu():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # total, idle + iowait
+
+    @staticmethod
+    def _own_ticks():
+        total = 0
+        for pid in tp.tree_pids(os.getpid()):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    parts = f.read().rsplit(")", 1)[1].split()
+                total += sum(int(x) for x in parts[11:15])  # utime stime cutime cstime
+            except (OSError, IndexError, ValueError):
+                pass
+        return total
+
+    def run(self):
+        t0, i0 = self._cpu()
+        o0 = self._own_ticks()
+        while not self._halt.wait(self.interval):
+            t1, i1 = self._cpu()
+            o1 = self._own_ticks()
+            busy = max(0, (t1 - t0) - (i1 - i0))
+            own = max(0, o1 - o0)
+            self.samples.append({"load1": os.getloadavg()[0], "busy": busy / max(1, t1 - t0),
+                                 "others": max(0, busy - own) / max(1, t1 - t0)})
+            t0, i0, o0 = t1, i1, o1
+
+    def stop(self) -> dict:
+        self._halt.set()
+        self.join(timeout=5)
+        if not self.samples:
+            return {}
+        loads = sorted(x["load1"] for x in self.samples)
+        others = sorted(x["others"] for x in self.samples)
+        return {"samples": len(self.samples), "load1_median": round(loads[len(loads) // 2], 2),
+                "load1_max": round(loads[-1], 2),
+                "cpu_share_used_by_other_processes_median": round(others[len(others) // 2], 3),
+                "cpu_share_used_by_other_processes_max": round(others[-1], 3),
+                "note": "share of all cores' time over 10 s windows; own = this benchmark's process tree "
+                        "(children counted when they exit, so 'others' can be overstated during a run)"}
+
+
+@contextlib.contextmanager
+def gcs_server():
+    """(name, URL for clients of the pipeline, direct URL): fake-gcs-server behind the
+    batch-fixing proxy, or gcp-storage-emulator direct when Go is missing."""
+    if servers.fake_gcs_binary() is not None:
+        with servers.fake_gcs_server() as direct, servers.FaultProxy(direct, add_batch_ids=True) as proxy:
+            yield f"fake-gcs-server {servers.FAKE_GCS_VERSION} (behind a Python proxy)", proxy.url, direct
+    else:
+        with servers.gcs_emulator() as direct:
+            yield "gcp-storage-emulator (direct)", direct, direct
 
 
 def env_for(gcs_url=None):
@@ -86,18 +159,19 @@ def upload_tree(store_put, root: Path, prefix: str, threads: int = 16):
 
 
 # --- throughput ------------------------------------------------------------------------------
-def bench_throughput(n_files: int, s3_url: str, gcs_url: str, key: Path) -> dict:
+def bench_throughput(n_files: int, s3_url: str, gcs_url: str, key: Path, gcs_direct: str) -> dict:
     root, meta = tp.corpus(n_files, 0.6, max(1, n_files // 20), 0)
     mb = meta["bytes"] / 1e6
     s3 = servers.s3_client(s3_url)
-    gcs = servers.gcs_client(gcs_url)
+    gcs = servers.gcs_client(gcs_direct)
     for b in ("tin", "tout", "tpriv"):
         s3.create_bucket(Bucket=b)
         gcs.create_bucket(b)
     t0 = time.perf_counter()
     upload_tree(lambda k, v: s3.put_object(Bucket="tin", Key=k, Body=v), root, "c")
     # gcp-storage-emulator is a single-threaded HTTPServer (listen backlog 5): few uploaders
-    upload_tree(lambda k, v: gcs.bucket("tin").blob(k).upload_from_string(v), root, "c", threads=3)
+    upload_tree(lambda k, v: gcs.bucket("tin").blob(k).upload_from_string(v), root, "c",
+                threads=16 if gcs_direct != gcs_url else 3)
     upload_s = time.perf_counter() - t0
     res = {"files": meta["n_files"], "megabytes": round(mb, 1), "upload_both_s": round(upload_s, 1)}
     shutil.rmtree(WORK / "tp", ignore_errors=True)
@@ -116,6 +190,40 @@ def bench_throughput(n_files: int, s3_url: str, gcs_url: str, key: Path) -> dict
                      "mb_per_s": round(mb / dt, 2), "peak_rss_mb": round(rss / 2**20)}
     for name in ("gs", "s3"):
         res[name]["ratio_to_local"] = round(res[name]["files_per_s"] / res["local"]["files_per_s"], 3)
+    return res
+
+
+# --- where gs:// time goes ------------------------------------------------------------------
+def bench_fetch(n: int = 200) -> dict:
+    """storage.fetch of the same n corpus files, one process, sequential: fake-gcs-server
+    direct vs behind the Python proxy the pipeline runs need, and moto direct."""
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from dicom_deid import storage
+    files = sorted(tp.corpus(2000, 0.6, 100, 0)[0].rglob("*.dcm"))[:n]
+    res = {"objects": len(files)}
+    with servers.fake_gcs_server() as direct, servers.FaultProxy(direct, add_batch_ids=True) as proxy, \
+            servers.moto_server() as s3url:
+        g = servers.gcs_client(direct)
+        g.create_bucket("fetch")
+        s3 = servers.s3_client(s3url)
+        s3.create_bucket(Bucket="fetch")
+        for f in files:
+            g.bucket("fetch").blob(f.name).upload_from_string(f.read_bytes())
+            s3.put_object(Bucket="fetch", Key=f.name, Body=f.read_bytes())
+        for name, url, sch in (("gs direct", direct, "gs"), ("gs via proxy", proxy.url, "gs"),
+                               ("s3 direct", s3url, "s3")):
+            if sch == "gs":
+                os.environ["STORAGE_EMULATOR_HOST"] = url
+            FileSystems.set_options(PipelineOptions(servers.s3_beam_args(s3url)))
+            storage.reset_clients()
+            t0 = time.perf_counter()
+            for f in files:
+                storage.fetch(f"{sch}://fetch/{f.name}", f.stat().st_size, 1 << 30, 64 << 20, "/tmp")
+            dt = time.perf_counter() - t0
+            res[name] = {"seconds": round(dt, 2), "objects_per_s": round(len(files) / dt, 1)}
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+    storage.reset_clients()
     return res
 
 
@@ -152,7 +260,12 @@ def measure_listing(fn) -> dict:
             "peak_heap_mb": round(peak / 2**20, 1)}
 
 
-def bench_listing(n: int, s3_url: str) -> dict:
+def bench_listing(n: int, s3_url: str, gcs_url: str, gcs_direct: str, nb: int = 0) -> dict:
+    """``n`` names on local disk, ``nb`` (default ``n``) in each bucket: uploading 100,000
+    objects one by one takes moto ~25 minutes on 2 loaded cores, and fake-gcs-server's memory
+    backend scans every object of a bucket on each write (quadratic), so the bucket listings
+    may run on fewer names; listing streams page by page, so names/s carries over."""
+    nb = nb or n
     from apache_beam.io.filesystems import FileSystems
     from apache_beam.options.pipeline_options import PipelineOptions
     from dicom_deid import storage
@@ -164,12 +277,12 @@ def bench_listing(n: int, s3_url: str) -> dict:
     }}
     s3 = servers.s3_client(s3_url)
     s3.create_bucket(Bucket="names")
-    print(f"uploading {n} tiny objects to moto ...", file=sys.stderr, flush=True)
+    print(f"uploading {nb} tiny objects to moto ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(16) as ex:
         list(ex.map(lambda i: s3.put_object(Bucket="names", Key=f"n/d{i // 1000:03d}/obj-{i:06d}.dcm", Body=b"x"),
-                    range(n)))
+                    range(nb)))
     res["s3_upload_s"] = round(time.perf_counter() - t0, 1)
     FileSystems.set_options(PipelineOptions(servers.s3_beam_args(s3_url)))
     storage.reset_clients()
@@ -178,6 +291,21 @@ def bench_listing(n: int, s3_url: str) -> dict:
         "beam FileSystems.match": measure_listing(
             lambda: (m for r in FileSystems.match(["s3://names/n/**"]) for m in r.metadata_list)),
     }
+    gcs = servers.gcs_client(gcs_direct)
+    gcs.create_bucket("names")
+    print(f"uploading {nb} tiny objects to the GCS server ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(16 if gcs_direct != gcs_url else 3) as ex:
+        list(ex.map(lambda i: gcs.bucket("names").blob(f"n/d{i // 1000:03d}/obj-{i:06d}.dcm").upload_from_string(b"x"),
+                    range(nb)))
+    res["gs_upload_s"] = round(time.perf_counter() - t0, 1)
+    os.environ["STORAGE_EMULATOR_HOST"] = gcs_url
+    storage.reset_clients()
+    try:
+        res["gs"] = {"storage.iter_objects": measure_listing(lambda: storage.iter_objects("gs://names/n/**"))}
+    finally:
+        os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        storage.reset_clients()
     return res
 
 
@@ -190,14 +318,31 @@ def ct_source() -> Path:
     raise RuntimeError("no CT in the corpus")
 
 
+def tiny_ct() -> bytes:
+    """The corpus CT with 16x16 pixels: a small valid object that is published (not
+    quarantined), so 100,000 of them fit on a small disk."""
+    import io
+    import pydicom
+    from pydicom.uid import ExplicitVRLittleEndian
+    ds = pydicom.dcmread(ct_source())
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.Rows = ds.Columns = 16
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.SamplesPerPixel = 16, 16, 15, 1
+    ds.PixelData = bytes(16 * 16 * 2)
+    ds["PixelData"].VR = "OW"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
 def bench_first_processed(n: int, key: Path) -> dict:
     """Launch over n local names (all small valid DICOM); stop at the first staged output."""
-    d = WORK / f"dicom-names-{n}"
-    done = WORK / f"dicom-names-{n}.complete"
+    d = WORK / f"tiny-dicom-names-{n}"
+    done = WORK / f"tiny-dicom-names-{n}.complete"
     if not done.exists():
         shutil.rmtree(d, ignore_errors=True)
-        data = ct_source().read_bytes()
-        print(f"creating {n} small DICOM files ...", file=sys.stderr, flush=True)
+        data = tiny_ct()
+        print(f"creating {n} small DICOM files ({len(data)} bytes each) ...", file=sys.stderr, flush=True)
         for i in range(n):
             sub = d / f"d{i // 1000:03d}"
             if i % 1000 == 0:
@@ -212,11 +357,14 @@ def bench_first_processed(n: int, key: Path) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env_for(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
+    map_written = None
     sampler = tp.TreeSampler(proc.pid)
     sampler.start()
     first = None
     try:
         while proc.poll() is None and time.perf_counter() - t0 < 1800:
+            if map_written is None and any((WORK / "first-priv" / "pseudonyms").glob("part-*.parquet")):
+                map_written = time.perf_counter() - t0
             staging = out / ".staging"
             if staging.exists() and any(staging.rglob("*.dcm")):
                 first = time.perf_counter() - t0
@@ -228,6 +376,8 @@ def bench_first_processed(n: int, key: Path) -> dict:
         proc.wait()
         sampler.stop()
     return {"names": n, "first_processed_s": round(first, 1) if first else None,
+            "pseudonym_map_written_s": round(map_written, 1) if map_written else None,
+            "object_bytes": len(tiny_ct()),
             "peak_rss_mb_until_then": round(sampler.peak_rss / 2**20),
             "note": "includes the pseudonym header scan of every input, which precedes reading"}
 
@@ -299,7 +449,7 @@ def to_markdown(r: dict) -> str:
              f"{r['loadavg_at_start'][0]:.1f}/{r['loadavg_at_end'][0]:.1f} on a shared machine)", "",
              f"Same {t['files']} files ({t['megabytes']} MB), default local runner "
              "(FnApiRunner multi-processing, all cores); servers on 127.0.0.1 "
-             "(gcp-storage-emulator, moto).", "",
+             f"(GCS: {r.get('gcs_server', 'gcp-storage-emulator')}; S3: moto, direct).", "",
              "| scheme | seconds | files/s | MB/s | ratio to local | peak RSS (tree) MB |",
              "|---|---|---|---|---|---|"]
     for k in ("local", "gs", "s3"):
@@ -307,13 +457,17 @@ def to_markdown(r: dict) -> str:
         lines.append(f"| {k} | {v['seconds']} | {v['files_per_s']} | {v['mb_per_s']} | "
                      f"{v.get('ratio_to_local', 1.0)} | {v['peak_rss_mb']} |")
     li = r["listing"]
-    lines += ["", f"Listing {li['local']['storage.iter_objects']['names']:,} names:", "",
-              "| store | lister | first name s | all names s | peak Python heap MB |", "|---|---|---|---|---|"]
-    for store in ("local", "s3"):
-        for lister, v in li[store].items():
-            lines.append(f"| {store} | {lister} | {v['first_name_s']} | {v['all_names_s']} | {v['peak_heap_mb']} |")
+    lines += ["", "Listing (one process; the pipeline lists each pattern in one place):", "",
+              "| store | lister | names | first name s | all names s | names/s | peak Python heap MB |",
+              "|---|---|---|---|---|---|---|"]
+    for store in ("local", "s3", "gs"):
+        for lister, v in li.get(store, {}).items():
+            rate = round(v["names"] / v["all_names_s"]) if v["all_names_s"] else None
+            lines.append(f"| {store} | {lister} | {v['names']:,} | {v['first_name_s']} | {v['all_names_s']} | "
+                         f"{rate} | {v['peak_heap_mb']} |")
     f = r["first_processed"]
-    lines += ["", f"Pipeline over {f['names']:,} local names: first processed object after "
+    lines += ["", f"Pipeline over {f['names']:,} local names: pseudonym map written after "
+              f"{f.get('pseudonym_map_written_s')} s, first processed object after "
               f"**{f['first_processed_s']} s** (peak RSS of the run until then {f['peak_rss_mb_until_then']} MB; "
               f"{f['note']}).", ""]
     lg = r["large"]
@@ -321,6 +475,16 @@ def to_markdown(r: dict) -> str:
     lines += [f"One {lg['object_mb']} MB multi-frame object: pipeline {lg['pipeline_seconds']} s, peak RSS of "
               f"the run's process tree **{lg['pipeline_peak_rss_mb']} MB**. Header-only read from S3 "
               f"(storage.open_read): {h['bytes_read']:,} bytes in {h['seconds']} s, RSS growth {h['rss_growth_mb']} MB.", ""]
+    fe = r.get("fetch")
+    if fe:
+        lines += [f"storage.fetch of {fe['objects']} corpus objects, one process: " + ", ".join(
+            f"{k} {v['objects_per_s']}/s" for k, v in fe.items() if isinstance(v, dict) and "objects_per_s" in v)
+            + ".", ""]
+    ld = r.get("load") or {}
+    if ld:
+        lines += [f"Machine load during the benchmark: 1-min load average median {ld['load1_median']}, max "
+                  f"{ld['load1_max']}; CPU share used by other processes median "
+                  f"{ld['cpu_share_used_by_other_processes_median']}, max {ld['cpu_share_used_by_other_processes_max']}.", ""]
     return "\n".join(lines)
 
 
@@ -330,21 +494,47 @@ def main(argv=None) -> int:
     ap.add_argument("--names", type=int, default=100_000)
     ap.add_argument("--large-mb", type=int, default=1024)
     ap.add_argument("--out", default=str(HERE / "results" / "storage.json"))
+    ap.add_argument("--only", default="", help="comma-separated: throughput,listing,first,large,fetch "
+                                               "(fetch only when named)")
+    ap.add_argument("--bucket-names", type=int, default=0,
+                    help="names in each bucket for the listing (default: --names)")
+    ap.add_argument("--merge", default="", help="an earlier results JSON whose sections this run "
+                                                "does not measure are kept (the table says so)")
     args = ap.parse_args(argv)
     WORK.mkdir(parents=True, exist_ok=True)
     key = WORK / "bench.key"
     key.write_text(KEY + "\n")
     key.chmod(0o600)
     os.environ.update(NO_GCE_CHECK="true", AWS_EC2_METADATA_DISABLED="true")
+    earlier = json.loads(Path(args.merge).read_text()) if args.merge else {}
     result = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "machine": f"{os.cpu_count()} cores, {platform.python_version()}",
               "args": vars(args), "loadavg_at_start": os.getloadavg()}
-    with servers.moto_server() as s3_url, servers.gcs_emulator() as gcs_url:
-        result["throughput"] = bench_throughput(args.files, s3_url, gcs_url, key)
-        result["listing"] = bench_listing(args.names, s3_url)
-        result["first_processed"] = bench_first_processed(args.names, key)
-        result["large"] = bench_large(args.large_mb, s3_url, key)
+    load = LoadSampler()
+    load.start()
+    only = set(args.only.split(",")) if args.only else {"throughput", "listing", "first", "large"}
+    with servers.moto_server() as s3_url, gcs_server() as (gcs_name, gcs_url, gcs_direct):
+        result["gcs_server"] = gcs_name
+        for name, fn in (("throughput", lambda: bench_throughput(args.files, s3_url, gcs_url, key, gcs_direct)),
+                         ("listing", lambda: bench_listing(args.names, s3_url, gcs_url, gcs_direct,
+                                                           args.bucket_names)),
+                         ("first_processed", lambda: bench_first_processed(args.names, key)),
+                         ("large", lambda: bench_large(args.large_mb, s3_url, key)),
+                         ("fetch", lambda: bench_fetch())):
+            if name.split("_")[0] not in only or (name == "fetch" and not args.only):
+                continue
+            t0 = time.perf_counter()
+            print(f"== {name}", file=sys.stderr, flush=True)
+            result[name] = fn()
+            result[name]["section_seconds"] = round(time.perf_counter() - t0, 1)
+            out_partial = Path(args.out).with_suffix(".partial.json")
+            out_partial.write_text(json.dumps(result, indent=2, default=str))
+    result["load"] = load.stop()
     result["loadavg_at_end"] = os.getloadavg()
+    for name in ("throughput", "listing", "first_processed", "large"):
+        if name not in result and name in earlier:
+            result[name] = dict(earlier[name], measured_in_earlier_invocation={
+                k: earlier.get(k) for k in ("date", "loadavg_at_start", "load", "gcs_server")})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

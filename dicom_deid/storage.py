@@ -248,6 +248,31 @@ class ObjectInfo:
     #: the store's version of the object: ``gen:<generation>`` (GCS), ``etag:<etag>`` (S3),
     #: ``mtime:<ns>`` (local and others: with the size, what Beam's metadata offers)
     version: str
+    #: last modification, seconds since the epoch by the store's clock (None: not known)
+    mtime: Optional[float] = dataclasses.field(default=None, compare=False)
+
+
+def canonical_uri(uri: str) -> str:
+    """The identity of an input, from which its ``input_key`` (HMAC) is derived: local files
+    by their absolute, normalised path (``.``/``..``/repeated ``/`` resolved, ``file://``
+    dropped; symbolic links are *not* resolved: the path the pattern reached); objects by
+    their ``gs://bucket/key`` / ``s3://bucket/key`` URI as the store names them (keys are
+    opaque: ``a//b`` and ``a/b`` are different objects). So ``in/**``, ``./in/**`` and
+    ``/data/in/**`` name each input the same way, and a run's input keys do not depend on
+    how the pattern was spelled or on the working directory."""
+    if is_local(uri):
+        return os.path.abspath(local_path(uri))
+    return uri
+
+
+def canonical_pattern(pattern: str) -> str:
+    """A file pattern made independent of the launcher's working directory (local patterns
+    become absolute; bucket patterns are kept). Done at the edge: workers may run elsewhere."""
+    if is_local(pattern):
+        path = local_path(pattern)
+        trailing = path.endswith("/") and len(path) > 1
+        return os.path.abspath(path) + ("/" if trailing else "")
+    return pattern
 
 
 # --- clients (one per process and configuration) -----------------------------------------
@@ -396,8 +421,64 @@ def iter_objects(pattern: str, on_retry=None) -> Iterator[ObjectInfo]:
     yield from _iter_beam(pattern)
 
 
+def _ts(value) -> Optional[float]:
+    """A store's modification time (datetime or number) -> seconds since the epoch."""
+    if value is None:
+        return None
+    try:
+        return float(value.timestamp()) if hasattr(value, "timestamp") else float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+#: what :func:`probe_pattern` says about a pattern
+MATCHED, MISSING, FOLDER, EMPTY = "matched", "missing", "folder", "empty"
+
+
+def probe_pattern(pattern: str) -> str:
+    """Whether a pattern matches anything, cheaply (stops at the first match):
+    ``matched``; ``missing`` (a path without wildcards names no object); ``folder`` (it names a
+    folder or a prefix holding objects, not an object); ``empty`` (a glob matching nothing)."""
+    for _ in iter_objects(pattern):
+        return MATCHED
+    if has_glob(pattern):
+        return EMPTY
+    if is_local(pattern):
+        return FOLDER if os.path.isdir(local_path(pattern)) else MISSING
+    for _ in iter_objects(pattern.rstrip("/") + "/**"):
+        return FOLDER
+    return MISSING
+
+
+def check_patterns(patterns) -> list[str]:
+    """Check input patterns before a run; patterns are named by position only (paths can
+    hold patient names). Raises ConfigError when a path without wildcards names nothing or
+    names a folder, or when no pattern matches anything; returns warnings for globs that
+    match nothing while others do."""
+    from .errors import ConfigError
+    patterns = list(patterns)
+    n = len(patterns)
+    kinds = [probe_pattern(p) for p in patterns]
+    for i, kind in enumerate(kinds, 1):
+        if kind == MISSING:
+            raise ConfigError(f"input pattern {i} of {n} matched nothing: a path without wildcards "
+                              "must name an existing object (the pattern is not repeated here: paths "
+                              "can hold names)")
+        if kind == FOLDER:
+            raise ConfigError(f"input pattern {i} of {n} names a folder or prefix, not an object: "
+                              "add '/**' to it to read every object under it")
+    empty = [i for i, kind in enumerate(kinds, 1) if kind == EMPTY]
+    if len(empty) == n:
+        raise ConfigError(f"none of the {n} input pattern(s) matched any object")
+    if empty:
+        which = ", ".join(str(i) for i in empty)
+        return [f"warning: {len(empty)} of {n} input patterns matched no object (pattern {which}); "
+                f"{n - len(empty)} matched objects"]
+    return []
+
+
 def _iter_local(pattern: str) -> Iterator[ObjectInfo]:
-    path = os.path.abspath(local_path(pattern))
+    path = canonical_uri(pattern)
     if not has_glob(path):
         try:
             st = os.stat(path)
@@ -405,7 +486,7 @@ def _iter_local(pattern: str) -> Iterator[ObjectInfo]:
             return
         if os.path.isdir(path):
             return
-        yield ObjectInfo(path, st.st_size, f"mtime:{st.st_mtime_ns}")
+        yield ObjectInfo(path, st.st_size, f"mtime:{st.st_mtime_ns}", st.st_mtime)
         return
     prefix = path[:_GLOB.search(path).start()]
     rx = pattern_regex(path)
@@ -431,7 +512,7 @@ def _iter_local(pattern: str) -> Iterator[ObjectInfo]:
                 st = e.stat()
             except OSError:
                 continue  # vanished while listing
-            yield ObjectInfo(full, st.st_size, f"mtime:{st.st_mtime_ns}")
+            yield ObjectInfo(full, st.st_size, f"mtime:{st.st_mtime_ns}", st.st_mtime)
 
 
 def _iter_gcs_prefix(prefix: str, on_retry=None) -> Iterator[ObjectInfo]:
@@ -446,7 +527,7 @@ def _iter_gcs_prefix(prefix: str, on_retry=None) -> Iterator[ObjectInfo]:
             return list(p), it.next_page_token
         blobs, token = with_retries(page, on_retry=on_retry)
         for b in blobs:
-            yield ObjectInfo(f"gs://{bucket}/{b.name}", int(b.size or 0), f"gen:{b.generation}")
+            yield ObjectInfo(f"gs://{bucket}/{b.name}", int(b.size or 0), f"gen:{b.generation}", _ts(b.updated))
         if not token:
             return
 
@@ -465,7 +546,7 @@ def _iter_s3_prefix(prefix: str, on_retry=None) -> Iterator[ObjectInfo]:
         items, token = with_retries(page, on_retry=on_retry)
         for it in items:
             yield ObjectInfo(f"s3://{bucket}/{it['Key']}", int(it.get("Size") or 0),
-                             f"etag:{(it.get('ETag') or '').strip(chr(34))}")
+                             f"etag:{(it.get('ETag') or '').strip(chr(34))}", _ts(it.get("LastModified")))
         if not token:
             return
 
@@ -474,7 +555,8 @@ def _iter_beam(pattern: str) -> Iterator[ObjectInfo]:
     from apache_beam.io.filesystems import FileSystems
     for r in with_retries(lambda: FileSystems.match([pattern])):
         for m in r.metadata_list:
-            yield ObjectInfo(m.path, int(m.size_in_bytes or 0), f"mtime:{m.last_updated_in_seconds}")
+            yield ObjectInfo(m.path, int(m.size_in_bytes or 0), f"mtime:{m.last_updated_in_seconds}",
+                             m.last_updated_in_seconds)
 
 
 def stat(uri: str, on_retry=None) -> Optional[ObjectInfo]:
@@ -485,13 +567,13 @@ def stat(uri: str, on_retry=None) -> Optional[ObjectInfo]:
             st = os.stat(local_path(uri))
         except FileNotFoundError:
             return None
-        return ObjectInfo(os.path.abspath(local_path(uri)), st.st_size, f"mtime:{st.st_mtime_ns}")
+        return ObjectInfo(canonical_uri(uri), st.st_size, f"mtime:{st.st_mtime_ns}", st.st_mtime)
 
     def op():
         if s == "gs":
             bucket, key = split_bucket(uri)
             b = _gcs().bucket(bucket).get_blob(key, retry=None)
-            return None if b is None else ObjectInfo(uri, int(b.size or 0), f"gen:{b.generation}")
+            return None if b is None else ObjectInfo(uri, int(b.size or 0), f"gen:{b.generation}", _ts(b.updated))
         if s == "s3":
             bucket, key = split_bucket(uri)
             try:
@@ -501,7 +583,7 @@ def stat(uri: str, on_retry=None) -> Optional[ObjectInfo]:
                     return None
                 raise
             return ObjectInfo(uri, int(r.get("ContentLength") or 0),
-                              f"etag:{(r.get('ETag') or '').strip(chr(34))}")
+                              f"etag:{(r.get('ETag') or '').strip(chr(34))}", _ts(r.get("LastModified")))
         from apache_beam.io.filesystems import FileSystems
         res = FileSystems.match([uri])[0].metadata_list
         return ObjectInfo(uri, int(res[0].size_in_bytes), f"mtime:{res[0].last_updated_in_seconds}") if res else None
@@ -773,6 +855,49 @@ def write_bytes(uri: str, data: bytes, content_type: str = "application/octet-st
             with FileSystems.create(uri, mime_type=content_type) as f:
                 f.write(data)
     with_retries(op, on_retry=on_retry)
+
+
+def create_if_absent(uri: str, data: bytes, on_retry=None) -> bool:
+    """Write a whole object only if nothing exists at ``uri``, decided by the store itself
+    (local: ``link(2)`` of a complete temp file; GCS: ``ifGenerationMatch=0``; S3:
+    ``If-None-Match: *``). True if this call created it; False if an object was there (also
+    when an earlier attempt of this call created it and its answer was lost: callers that
+    must know compare the content). Stores that ignore the precondition (some emulators)
+    make it an ordinary write: callers probe that with a second call on the same name."""
+    s = scheme(uri)
+    if s == "file":
+        path = local_path(uri)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # atomic, and the name never shows a partial object
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+    if s not in ("gs", "s3"):
+        raise StorageRefused()
+
+    def op():
+        bucket, key = split_bucket(uri)
+        try:
+            if s == "gs":
+                _gcs().bucket(bucket).blob(key).upload_from_string(data, if_generation_match=0, retry=None)
+            else:
+                _s3().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except Exception as exc:  # noqa: BLE001
+            status = getattr(exc, "code", None) or ((getattr(exc, "response", None) or {})
+                                                    .get("ResponseMetadata", {}).get("HTTPStatusCode"))
+            if status in (412, 409):  # precondition failed / S3 concurrent conditional write
+                return False
+            raise
+        return True
+    return with_retries(op, on_retry=on_retry)
 
 
 def copy(src: str, dst: str, on_retry=None) -> None:

@@ -3,11 +3,16 @@ manifest rows) and ``RecordFinished`` (outcomes -> the private record, as they h
 
 Everything grouped here is keyed by ``input_key`` (HMAC of the URI); record rows lose their
 URI as they are read, so only FileRefs (as in the fan-out) carry one across the shuffle.
-See :mod:`dicom_deid.incremental` for the record and the decision rules.
+See :mod:`dicom_deid.incremental` for the record, the decision rules and compaction: the
+record files to read are chosen when the graph is built (``incremental.select``); past
+``COMPACT_FILES`` of them, ``Decide`` also writes the reduced rows of every input it sees
+into this run's compaction, which the launcher commits after the run succeeded
+(:func:`commit_compaction`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -19,9 +24,12 @@ from ..element import Outcome
 from .common import MAIN, OUTCOME, counter
 
 RECORDS = "records"
+log = logging.getLogger("dicom_deid.incremental")
 #: the record is flushed every this many rows or seconds (and at the end of each bundle)
 FLUSH_ROWS = int(os.environ.get("DICOM_DEID_RECORD_FLUSH_ROWS", "500"))
 FLUSH_SECONDS = float(os.environ.get("DICOM_DEID_RECORD_FLUSH_SECONDS", "10"))
+#: rows per part file of a compaction
+COMPACT_PART_ROWS = 200_000
 
 
 def complete_runs(private: str) -> frozenset:
@@ -42,14 +50,16 @@ def mark_complete(run: manifest.RunInfo, summary: dict) -> None:
 class _Recorder:
     """Buffers record rows; each flush is one new object (one upload / rename: atomic)."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, rows: int | None = None, seconds: float | None = None):
         self._dir = directory
         self._rows: list = []
         self._t = time.monotonic()
+        self._max_rows = FLUSH_ROWS if rows is None else rows
+        self._max_seconds = FLUSH_SECONDS if seconds is None else seconds
 
     def add(self, row: dict) -> None:
         self._rows.append(row)
-        if len(self._rows) >= FLUSH_ROWS or time.monotonic() - self._t >= FLUSH_SECONDS:
+        if len(self._rows) >= self._max_rows or time.monotonic() - self._t >= self._max_seconds:
             self.flush()
 
     def flush(self) -> None:
@@ -61,28 +71,52 @@ class _Recorder:
                             content_type="application/vnd.apache.parquet")
 
 
+def commit_compaction(run: manifest.RunInfo):
+    """Launcher, after the run succeeded: commit this run's compaction of the record (if it
+    made one) and delete what it replaces. A failure only leaves the record uncompacted."""
+    try:
+        return inc.commit_compaction(run.private, run.run_id)
+    except Exception:  # noqa: BLE001 - the record stays correct, just not compacted
+        log.warning("could not commit the incremental record compaction of run %s", run.run_id)
+        return None
+
+
 class SkipFinished(beam.PTransform):
     """FileRefs -> ``main``: FileRefs to process (with the prior fingerprint when the input
     finished before); ``outcome``: manifest rows recovered from interrupted runs."""
 
-    def __init__(self, run: manifest.RunInfo, key_ref: keys.KeyRef, policy_label: str):
+    def __init__(self, run: manifest.RunInfo, key_ref: keys.KeyRef, policy_label: str,
+                 compact_files: int | None = None):
         super().__init__()
         self._run, self._key_ref, self._policy = run, key_ref, policy_label
         self._complete = complete_runs(run.private)
+        selection = inc.select(run.private)
+        self._files = list(selection.files)
+        limit = inc.COMPACT_FILES if compact_files is None else compact_files
+        self._plan = (inc.compaction_plan(run.private, run.run_id, selection)
+                      if len(selection.replaces) > limit else None)
+
+    @property
+    def compacts(self) -> bool:
+        return self._plan is not None
 
     def expand(self, refs):
         keyed = refs | "KeyByInput" >> beam.ParDo(_KeyByInputFn(self._key_ref))
         records = (
             refs.pipeline
-            | "RecordPattern" >> beam.Create([inc.records_pattern(self._run.private)])
-            | "ListRecordFiles" >> beam.ParDo(_ListFn())
+            | "RecordFiles" >> beam.Create(self._files or [None])
             | "SpreadRecordFiles" >> beam.Reshuffle()
-            | "ReadRecords" >> beam.ParDo(_ReadRecordsFn())
+            | "ReadRecords" >> beam.ParDo(_ReadRecordsFn(self._run.private))
         )
+        compact_dir = inc.compaction_dir(self._run.private, self._run.run_id) if self._plan else None
+        if self._plan:  # written by the run itself: a graph built and never run leaves nothing
+            (refs.pipeline | "CompactionPlan" >> beam.Create([self._plan])
+             | "WritePlan" >> beam.Map(lambda data, d=compact_dir: storage.write_bytes(
+                 f"{d}/{inc.PLAN}", data, content_type="application/json")))
         return (
             {"ref": keyed, "rec": records}
             | "ByInputKey" >> beam.CoGroupByKey()
-            | "Decide" >> beam.ParDo(_DecideFn(self._run, self._policy, self._complete)).with_outputs(
+            | "Decide" >> beam.ParDo(_DecideFn(self._run, self._policy, self._complete, compact_dir)).with_outputs(
                 OUTCOME, main=MAIN)
         )
 
@@ -98,26 +132,53 @@ class _KeyByInputFn(beam.DoFn):
         yield self._deriver.input_key(fref.uri), fref
 
 
-class _ListFn(beam.DoFn):
-    def process(self, pattern):
-        for info in storage.iter_objects(pattern):
-            yield info.uri
-
-
 class _ReadRecordsFn(beam.DoFn):
+    """Record file -> (input_key, row). A file that vanished since it was listed was replaced
+    by a compaction that committed meanwhile: read the committed compactions instead (once
+    per process; rows read twice are harmless, see ``incremental.latest``)."""
+
+    def __init__(self, private: str):
+        self._private = private
+
     def setup(self):
         self._files = counter("incremental", "record_files_read")
+        self._vanished = counter("incremental", "record_files_vanished")
+        self._done: set = set()
 
-    def process(self, uri):
+    def _read(self, uri):
         data = b"".join(storage.iter_chunks(uri))
         self._files.inc()
-        for row in inc.from_parquet_bytes(data):
-            yield row["input_key"], row
+        return inc.from_parquet_bytes(data)
+
+    def process(self, uri):
+        if uri is None:  # no record yet
+            return
+        pending = [uri]
+        for _attempt in range(5):
+            missing = []
+            for u in pending:
+                try:
+                    rows = self._read(u)
+                except (storage.ObjectNotFound, FileNotFoundError):
+                    missing.append(u)
+                    continue
+                for row in rows:
+                    yield row["input_key"], row
+            if not missing:
+                return
+            self._vanished.inc(len(missing))
+            sel = inc.select(self._private)
+            pending = [u for u in sel.files if "/compact-" in u and u not in self._done]
+            self._done.update(pending)
+            if not pending:
+                return
+        raise storage.StorageError("the incremental record kept changing while it was read")
 
 
 class _DecideFn(beam.DoFn):
-    def __init__(self, run, policy, complete):
+    def __init__(self, run, policy, complete, compact_dir=None):
         self._run, self._policy, self._complete = run, policy, complete
+        self._compact_dir = compact_dir
 
     def setup(self):
         self._new = counter("incremental", "new")
@@ -127,13 +188,20 @@ class _DecideFn(beam.DoFn):
 
     def start_bundle(self):
         self._rec = _Recorder(inc.records_dir(self._run.private, self._run.run_id))
+        # compaction parts need no early flush (uncommitted until the run succeeded): few, large
+        self._compacted = (_Recorder(self._compact_dir, rows=COMPACT_PART_ROWS, seconds=float("inf"))
+                           if self._compact_dir else None)
 
     def process(self, element):
         input_key, grouped = element
         refs = list(grouped["ref"])
+        recs = list(grouped["rec"])
+        if self._compacted is not None:  # every input the record knows, listed now or not
+            for row in inc.reduce_rows(recs, self._complete):
+                self._compacted.add(row)
         # no refs: recorded earlier, not listed now (deleted, or outside this run's patterns)
         fref = refs[0] if refs else None  # overlapping patterns: one input, once
-        prior = inc.latest(grouped["rec"], self._complete) if refs else None
+        prior = inc.latest(recs, self._complete) if refs else None
         action, prior_fp = inc.decide(fref.version, self._policy, prior) if refs else (None, "")
         if action == inc.SKIP:
             self._skipped.inc()
@@ -148,6 +216,8 @@ class _DecideFn(beam.DoFn):
 
     def finish_bundle(self):
         self._rec.flush()
+        if self._compacted is not None:
+            self._compacted.flush()
 
 
 class RecordFinished(beam.PTransform):

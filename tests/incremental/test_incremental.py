@@ -73,10 +73,17 @@ def test_record_round_trip_keeps_the_manifest_row_and_drops_uris():
 
 
 # --- real runs --------------------------------------------------------------------------------
-def _run(world, *extra):
+def _record_files(priv: Path) -> list[str]:
+    return sorted(str(p.relative_to(priv / "incremental" / "records"))
+                  for p in (priv / "incremental" / "records").rglob("*") if p.is_file())
+
+
+def _run(world, *extra, compact_files=None):
+    env = {"DICOM_DEID_RECORD_COMPACT_FILES": str(compact_files)} if compact_files is not None else None
     proc = run_cli(["--input", f"{world['inputs']}/**", "--output", world["out"], "--private", world["priv"],
-                    "--key", world["key"], "--incremental", "--no-progress", *extra])
+                    "--key", world["key"], "--incremental", "--no-progress", *extra], env_extra=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    world.setdefault("records", []).append(_record_files(world["priv"]))
     summaries = sorted((world["out"] / "summaries").glob("*.json"), key=lambda p: p.stat().st_mtime)
     return json.loads(summaries[-1].read_text())
 
@@ -105,11 +112,12 @@ def world(tmp_path_factory):
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.save_as(changed, enforce_file_format=True)
     w["changed"] = changed
-    w["summaries"].append(_run(w))
+    # runs 3 and 4 also compact the record (more than 1 record file): decisions must not change
+    w["summaries"].append(_run(w, compact_files=1))
     # 4: one object rewritten with identical bytes (new mtime, same content)
     touched = sorted((inputs / "a").rglob("*.dcm"))[1]
     touched.write_bytes(touched.read_bytes())
-    w["summaries"].append(_run(w))
+    w["summaries"].append(_run(w, compact_files=1))
     return w
 
 
@@ -157,8 +165,25 @@ def test_manifest_is_one_table_for_pyarrow_pandas_duckdb(world):
     assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{m}/*/*.parquet')").fetchall()[0][0] == total
 
 
+def test_record_is_compacted_past_the_threshold(world):
+    ids = [s["run_id"] for s in world["summaries"]]
+    before, third, fourth = world["records"][1], world["records"][2], world["records"][3]
+    # runs 1 and 2 did not compact (default threshold): one folder each
+    assert {f.split("/")[0] for f in before} == {f"run-{ids[0]}", f"run-{ids[1]}"}
+    # run 3 replaced them with its compaction (committed), and wrote its own part(s)
+    assert {f.split("/")[0] for f in third} == {f"compact-{ids[2]}", f"run-{ids[2]}"}
+    assert f"compact-{ids[2]}/{inc.REPLACES}" in third
+    # run 4 replaced run 3's compaction and parts with its own
+    assert {f.split("/")[0] for f in fourth} == {f"compact-{ids[3]}", f"run-{ids[3]}"}
+    parts = [f for f in fourth if f.startswith("compact-") and f.endswith(".parquet")]
+    rows = [r for f in parts for r in pq.read_table(world["priv"] / "incremental" / "records" / f).to_pylist()]
+    # 12 inputs known before run 4, two rows each (latest decision + its listing); no URI kept
+    assert len(rows) == 24 and len({r["input_key"] for r in rows}) == 12
+    assert all(r["input_uri"] is None for r in rows)
+
+
 def test_record_lives_under_the_private_prefix_only(world):
-    assert list((world["priv"] / "incremental" / "records").glob("run-*/*.parquet"))
+    assert list((world["priv"] / "incremental" / "records").glob("*/*.parquet"))
     assert len(list((world["priv"] / "incremental" / "complete").glob("run-*.json"))) == 4
     assert not list(world["out"].rglob("*incremental*"))
     names = {p.name for p in world["inputs"].rglob("*.dcm")}

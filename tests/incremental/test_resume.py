@@ -86,14 +86,20 @@ def backfill(s3_store, tmp_path_factory):
     assert killed_at is not None, f"run ended (rc={proc.returncode}) before it could be killed midway"
     assert proc.returncode == -signal.SIGKILL
     recorded_before = _finished(priv, inc.FINAL_STATUSES)
+    # the killed run's staging (its lease at least) is still there; gc --dry-run sees a stopped run
+    staged_after_kill = s3_store.keys(out_bucket, "o/.staging/")
+    dry = subprocess.run([sys.executable, "-m", "dicom_deid.cli", "gc", "--output", out, "--private", str(priv),
+                          "--dry-run", *s3_store.beam_args()], env=base_env(), capture_output=True, text=True,
+                         timeout=300)
 
-    # attempt 2: resume
+    # attempt 2: resume (its housekeeping removes the killed run's staging first)
     again = run_cli(args, beam_args=s3_store.beam_args())
     assert again.returncode == 0, again.stderr[-4000:]
     files = {k[len("o/"):]: s3_store.get(out_bucket, k) for k in s3_store.keys(out_bucket, "o/")}
     ref_files = {str(p.relative_to(ref_out)): p.read_bytes() for p in ref_out.rglob("*") if p.is_file()}
     local_manifest = s3_store.download(out_bucket, "o/manifest/", root / "dl")
-    return dict(files=files, ref_files=ref_files, manifest=pq.read_table(local_manifest / "o" / "manifest").to_pylist(),
+    return dict(files=files, ref_files=ref_files, staged_after_kill=staged_after_kill, dry=dry,
+                resume_stderr=again.stderr, manifest=pq.read_table(local_manifest / "o" / "manifest").to_pylist(),
                 summary=json.loads(next(v for k, v in files.items() if k.startswith("summaries/"))),
                 recorded_before=recorded_before, ref_rows=pq.read_table(ref_out / "manifest").to_pylist())
 
@@ -121,3 +127,13 @@ def test_outputs_are_byte_identical_to_an_uninterrupted_run(backfill):
     got, want = _published(backfill["files"]), _published(backfill["ref_files"])
     assert want and got.keys() == want.keys()
     assert all(got[k] == want[k] for k in want)
+
+
+def test_the_killed_runs_staging_is_removed_by_the_next_run(backfill):
+    killed = {k.split("/")[2] for k in backfill["staged_after_kill"]}
+    assert len(killed) == 1 and any(k.endswith("/_lease.json") for k in backfill["staged_after_kill"])
+    dry = backfill["dry"]
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert f"1 stopped run(s) {killed.pop()[len('run-'):]}" in dry.stdout and "would remove" in dry.stdout
+    assert "note: removed what 1 stopped run(s) left" in backfill["resume_stderr"]
+    assert not [k for k in backfill["files"] if k.startswith(".staging/")]

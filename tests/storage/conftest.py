@@ -78,10 +78,22 @@ def s3_store():
         yield Store("s3", url, proxy)
 
 
+def gcs_server():
+    """fake-gcs-server when Go can build it (concurrent, paginates listings), else
+    gcp-storage-emulator; ``DICOM_DEID_GCS_SERVER=fake|python`` forces one."""
+    choice = os.environ.get("DICOM_DEID_GCS_SERVER", "")
+    if choice != "python" and (choice == "fake" or servers.fake_gcs_binary() is not None):
+        return "fake-gcs-server", servers.fake_gcs_server()
+    return "gcp-storage-emulator", servers.gcs_emulator()
+
+
 @pytest.fixture(scope="session")
 def gs_store():
-    with servers.gcs_emulator() as url, servers.FaultProxy(url) as proxy:
-        yield Store("gs", url, proxy)
+    name, server = gcs_server()
+    with server as url, servers.FaultProxy(url, add_batch_ids=True) as proxy:
+        store = Store("gs", url, proxy)
+        store.server = name
+        yield store
 
 
 @pytest.fixture

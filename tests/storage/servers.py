@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -86,6 +87,65 @@ def gcs_emulator():
         yield f"http://127.0.0.1:{port}"
 
 
+#: fake-gcs-server (Go), built from the Go module proxy when Go is present
+FAKE_GCS_VERSION = "v1.56.1"
+FAKE_GCS_BIN = Path(os.environ.get("DICOM_DEID_FAKE_GCS_BIN",
+                                   Path.home() / ".cache" / "dicom-deid" / "fake-gcs-server" / FAKE_GCS_VERSION
+                                   / "fake-gcs-server"))
+
+
+def fake_gcs_binary(build: bool = True):
+    """Path of fake-gcs-server, built once with ``go install`` into a cache folder, or None
+    when Go is missing or the build fails (callers fall back to gcp-storage-emulator)."""
+    if FAKE_GCS_BIN.is_file():
+        return FAKE_GCS_BIN
+    go = shutil.which("go")
+    if not build or go is None:
+        return None
+    FAKE_GCS_BIN.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, GOBIN=str(FAKE_GCS_BIN.parent), GOFLAGS="-buildvcs=false")
+    try:
+        subprocess.run([go, "install", f"github.com/fsouza/fake-gcs-server@{FAKE_GCS_VERSION}"], env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600, check=True)
+    except (subprocess.SubprocessError, OSError):
+        return None
+    return FAKE_GCS_BIN if FAKE_GCS_BIN.is_file() else None
+
+
+@contextlib.contextmanager
+def fake_gcs_server(binary=None):
+    """fake-gcs-server (in memory) on 127.0.0.1:<free port>; yields its base URL. Serves
+    requests concurrently (gcp-storage-emulator handles one at a time). Its batch endpoint
+    skips parts without a ``Content-ID`` header, which google-cloud-storage omits (GCS accepts
+    them), so Beam's batched copy/delete needs :class:`FaultProxy` (``add_batch_ids``) in front."""
+    binary = binary or fake_gcs_binary()
+    if binary is None:
+        raise RuntimeError("fake-gcs-server is not available (no Go toolchain?)")
+    port = free_port()
+    cmd = [str(binary), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1", "-port", str(port),
+           "-public-host", f"127.0.0.1:{port}", "-external-url", f"http://127.0.0.1:{port}", "-log-level", "error"]
+    with _process(cmd, port, "/storage/v1/b", log_name="fake-gcs-server"):
+        yield f"http://127.0.0.1:{port}"
+
+
+def add_batch_content_ids(body: bytes, content_type: str) -> bytes:
+    """Give every part of a JSON-API batch request a ``Content-ID`` (optional for GCS;
+    fake-gcs-server answers only parts that have one)."""
+    m = re.search(r'boundary="?([^";]+)"?', content_type or "")
+    if not m:
+        return body
+    delim = b"--" + m.group(1).encode()
+    pieces = body.split(delim)
+    out = [pieces[0]]
+    for i, piece in enumerate(pieces[1:], 1):
+        if piece.startswith(b"--") or b"content-id:" in piece.split(b"\n\n", 1)[0].lower():
+            out.append(piece)
+            continue
+        nl = b"\r\n" if piece.startswith(b"\r\n") else b"\n"
+        out.append(nl + b"Content-ID: <item" + str(i).encode() + b">" + piece)
+    return delim.join(out)
+
+
 def s3_client(endpoint: str):
     import boto3
     from botocore.config import Config
@@ -118,8 +178,9 @@ class FaultProxy:
     * ``latency``: seconds added to every request.
     """
 
-    def __init__(self, upstream: str):
+    def __init__(self, upstream: str, add_batch_ids: bool = False):
         u = urllib.parse.urlparse(upstream)
+        self.add_batch_ids = add_batch_ids
         self.up_host, self.up_port = u.hostname, u.port
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -181,6 +242,8 @@ class FaultProxy:
                 conn = http.client.HTTPConnection(proxy.up_host, proxy.up_port, timeout=120)
                 headers = {k: v for k, v in self.headers.items()
                            if k.lower() not in ("transfer-encoding", "content-length", "connection")}
+                if proxy.add_batch_ids and self.command == "POST" and self.path.startswith("/batch/"):
+                    body = add_batch_content_ids(body, self.headers.get("Content-Type", ""))
                 headers["Content-Length"] = str(len(body))
                 try:
                     conn.request(self.command, self.path, body=body, headers=headers)
