@@ -22,11 +22,31 @@
 #     class, the class path and the Java 17 module opens makes it `java -jar`-runnable, which is
 #     what Beam's Python FlinkRunner (--flink_job_server_jar) runs.
 #   Hence Flink 1.19 (the newest Flink whose Beam runner is served) and `--flink_version 1.19`.
+#   - Beam's Python SDK harness boot program (what /opt/apache/beam/boot is in Beam's SDK
+#     containers), for the PROCESS and EXTERNAL worker environments: built once with
+#     `go install github.com/apache/beam/sdks/v2/python/container@v<apache-beam version of $PYTHON>`
+#     from the Go module proxy (needs `go`; ~30 s). A wrapper in the state directory runs it with
+#     $PYTHON's bin/ first on PATH and RUN_PYTHON_SDK_IN_DEFAULT_ENVIRONMENT=1 (no per-worker venv):
+#     the boot fetches the pipeline options from the runner's provision service, retrieves the
+#     staged artifacts and starts `python -m apache_beam.runners.worker.sdk_worker_main`.
+#
+# Worker environments (`start` prints a line for each):
+#   LOOPBACK  nothing to start; the SDK workers are threads of the launching process.
+#   PROCESS   --environment_type PROCESS --environment_config '{"command": "<BEAM_SDK_BOOT>"}':
+#             the TaskManager starts the boot itself (one SDK process per environment; with
+#             --sdk_worker_parallelism N, N of them per TaskManager).
+#   EXTERNAL  --environment_type EXTERNAL --environment_config <BEAM_WORKER_POOL>: `start` also runs
+#             Beam's worker pool (apache_beam.runners.worker.worker_pool_main's servicer, bound to
+#             127.0.0.1 only) next to the TaskManager; it starts one boot, hence one SDK worker
+#             process, per environment the runner asks for. FLINK_WORKER_POOL=0 skips it.
 #
 # Settings (environment): FLINK_LOCAL_STATE (pid files, config, logs; default $CACHE/run),
 # FLINK_REST_PORT (8081), FLINK_RPC_PORT (6123), FLINK_SLOTS (2), FLINK_TM_MEMORY (3072m),
 # FLINK_JM_MEMORY (1024m), FLINK_RESTART_ATTEMPTS (10; a lost TaskManager fails
-# several regions at once, which the exponential-delay strategy counts as one attempt), FLINK_START_TIMEOUT (90 s).
+# several regions at once, which the exponential-delay strategy counts as one attempt), FLINK_START_TIMEOUT (90 s),
+# FLINK_WORKER_POOL (1: start the EXTERNAL worker pool), FLINK_WORKER_POOL_PORT (50000),
+# PYTHON (python3; must be the Python that has apache-beam and dicom-deid installed: the SDK
+# workers of PROCESS/EXTERNAL run with it).
 set -euo pipefail
 
 FLINK_VERSION="${FLINK_LOCAL_VERSION:-1.19.3}"
@@ -47,12 +67,18 @@ RESTART_ATTEMPTS="${FLINK_RESTART_ATTEMPTS:-10}"
 START_TIMEOUT="${FLINK_START_TIMEOUT:-90}"
 PY="${PYTHON:-python3}"
 IDENT=dicomdeid
+WORKER_POOL="${FLINK_WORKER_POOL:-1}"
+WORKER_POOL_PORT="${FLINK_WORKER_POOL_PORT:-50000}"
+BOOT_WRAPPER="$STATE/beam-sdk-boot"
 
 log() { echo "flink-local: $*" >&2; }
 
 # a running cluster's ports, remembered by start, so status/stop need no settings
 if [ -z "${FLINK_REST_PORT:-}" ] && [ -f "$STATE/endpoint" ]; then
   REST_PORT="$(sed -n 1p "$STATE/endpoint")"
+fi
+if [ -z "${FLINK_WORKER_POOL_PORT:-}" ] && [ -f "$STATE/worker-pool-endpoint" ]; then
+  WORKER_POOL_PORT="$(sed -n 1p "$STATE/worker-pool-endpoint")"
 fi
 
 fetch_flink() {
@@ -143,6 +169,142 @@ EOF
   rm -rf "$tmp/build" "$JOB_SERVER_DIR" && mv "$tmp" "$JOB_SERVER_DIR"
 }
 
+beam_sdk_version() {
+  "$PY" -c 'import importlib.metadata as m; print(m.version("apache-beam"))'
+}
+
+boot_path() { echo "$CACHE/beam-sdk-boot-$1/boot"; }
+
+fetch_boot() {  # Beam's Python SDK harness boot program, built from the Go module proxy (once)
+  local v; v="$(beam_sdk_version)" || { log "no apache-beam in $PY (set PYTHON)"; return 1; }
+  local boot; boot="$(boot_path "$v")"
+  [ -x "$boot" ] && return 0
+  if ! command -v go >/dev/null 2>&1; then
+    log "no 'go' on PATH: cannot build Beam's SDK boot program (PROCESS/EXTERNAL unavailable)"
+    return 1
+  fi
+  log "building Beam's Python SDK boot program $v with the Go module proxy (once, ~30 s)"
+  local tmp="$CACHE/beam-sdk-boot-$v.tmp.$$"
+  rm -rf "$tmp" && mkdir -p "$tmp"
+  # (called from `if`: set -e does not apply here, so every step is checked)
+  if ! GOBIN="$tmp" GOFLAGS=-trimpath go install "github.com/apache/beam/sdks/v2/python/container@v$v" >&2 \
+      || ! mv "$tmp/container" "$tmp/boot"; then
+    log "could not build Beam's SDK boot program (PROCESS/EXTERNAL unavailable)"
+    rm -rf "$tmp"
+    return 1
+  fi
+  rm -rf "$(dirname "$boot")" && mv "$tmp" "$(dirname "$boot")" && [ -x "$boot" ]
+}
+
+write_boot_wrapper() {  # the command for PROCESS and the worker pool's container executable
+  local boot pybin
+  boot="$(boot_path "$(beam_sdk_version)")"
+  pybin="$(dirname "$(command -v "$PY")")"
+  mkdir -p "$STATE/sdk" "$STATE/log"
+  cat > "$BOOT_WRAPPER.tmp" <<EOF
+#!/usr/bin/env bash
+# Beam Python SDK harness boot for PROCESS / EXTERNAL environments (written by flink-local.sh).
+# The boot runs 'python' from PATH: this project's Python, without a per-worker venv. Each
+# environment gets its own working and semi-persistent directory (pipeline_options.json, staged
+# artifacts) under the state directory, removed when it ends; a --semi_persist_dir given by the
+# runner comes later on the command line and wins. TERM/INT/HUP are passed on to the boot,
+# which stops its SDK worker processes.
+id=worker
+for a in "\$@"; do case "\$a" in --id=*) id="\${a#--id=}" ;; esac; done
+dir="$STATE/sdk/\${id//[^A-Za-z0-9_.-]/_}-\$\$"
+mkdir -p "\$dir" && cd "\$dir" || exit 1
+export PATH="$pybin:\$PATH" RUN_PYTHON_SDK_IN_DEFAULT_ENVIRONMENT=1
+echo "\$(date -u +%FT%T.%3NZ) start id=\$id pid=\$\$" >> "$STATE/log/sdk-boot.log"
+"$boot" --semi_persist_dir="\$dir" "\$@" &
+child=\$!
+trap 'kill -TERM "\$child" 2>/dev/null' TERM INT HUP
+rc=0
+while kill -0 "\$child" 2>/dev/null; do wait "\$child"; rc=\$?; done
+cd / && rm -rf "\$dir"
+echo "\$(date -u +%FT%T.%3NZ) end id=\$id pid=\$\$ rc=\$rc" >> "$STATE/log/sdk-boot.log"
+exit "\$rc"
+EOF
+  chmod +x "$BOOT_WRAPPER.tmp" && mv "$BOOT_WRAPPER.tmp" "$BOOT_WRAPPER"
+}
+
+# Beam's worker pool servicer (as `python -m apache_beam.runners.worker.worker_pool_main`, which
+# binds every interface) on 127.0.0.1 only, starting the boot wrapper per worker; on TERM it
+# stops the SDK workers it started before it exits
+WORKER_POOL_PY='
+import logging, signal, sys, threading
+import grpc
+from apache_beam.portability.api import beam_fn_api_pb2_grpc
+from apache_beam.runners.worker.worker_pool_main import (
+    BeamFnExternalWorkerPoolServicer, kill_process_gracefully)
+from apache_beam.utils import thread_pool_executor
+host, port, boot = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+server = grpc.server(thread_pool_executor.shared_unbounded_instance(),
+                     options=[("grpc.http2.max_pings_without_data", 0), ("grpc.http2.max_ping_strikes", 0)])
+pool = BeamFnExternalWorkerPoolServicer(use_process=True, container_executable=boot)
+beam_fn_api_pb2_grpc.add_BeamFnExternalWorkerPoolServicer_to_server(pool, server)
+if not server.add_insecure_port(f"{host}:{port}"):
+    sys.exit(f"worker pool: cannot bind {host}:{port}")
+server.start()
+logging.info("worker pool listening on %s:%s", host, port)
+done = threading.Event()
+for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda *_: done.set())
+while not done.wait(1):
+    pass
+server.stop(0)
+for proc in list(pool._worker_processes.values()):
+    kill_process_gracefully(proc, timeout=8)
+logging.info("worker pool stopped")
+'
+
+port_open() {
+  "$PY" -c 'import socket, sys
+s = socket.socket(); s.settimeout(1)
+sys.exit(0 if s.connect_ex((sys.argv[1], int(sys.argv[2]))) == 0 else 1)' "$HOST" "$1"
+}
+
+worker_pool_pid() { [ -f "$STATE/pid/worker-pool.pid" ] && cat "$STATE/pid/worker-pool.pid" || true; }
+
+worker_pool_alive() { local p; p="$(worker_pool_pid)"; [ -n "$p" ] && kill -0 "$p" 2>/dev/null; }
+
+start_worker_pool() {
+  if worker_pool_alive && port_open "$WORKER_POOL_PORT"; then return 0; fi
+  mkdir -p "$STATE/pid" "$STATE/log"
+  echo "$WORKER_POOL_PORT" > "$STATE/worker-pool-endpoint"
+  printf '%s' "$WORKER_POOL_PY" > "$STATE/worker-pool.py"
+  (cd "$STATE" && exec setsid "$PY" "$STATE/worker-pool.py" "$HOST" "$WORKER_POOL_PORT" "$BOOT_WRAPPER" \
+      >> "$STATE/log/worker-pool.log" 2>&1 < /dev/null) &
+  echo $! > "$STATE/pid/worker-pool.pid"
+  local t=0
+  until port_open "$WORKER_POOL_PORT"; do
+    sleep 0.5; t=$((t + 1))
+    if ! worker_pool_alive || [ "$t" -ge 60 ]; then
+      log "worker pool did not come up; log: $STATE/log/worker-pool.log"
+      tail -n 20 "$STATE/log/worker-pool.log" >&2 || true
+      return 1
+    fi
+  done
+}
+
+descendants() {  # pids of the processes below $1, recursively
+  local c
+  for c in $(ps -o pid= --ppid "$1" 2>/dev/null); do echo "$c"; descendants "$c"; done
+}
+
+stop_worker_pool() {
+  local p tree q
+  p="$(worker_pool_pid)"
+  if [ -n "$p" ] && kill -0 "$p" 2>/dev/null; then
+    tree="$(descendants "$p")"   # boots and their SDK workers: the pool ends them itself first
+    kill "$p" 2>/dev/null || true
+    for _ in $(seq 1 40); do kill -0 "$p" 2>/dev/null || break; sleep 0.5; done
+    kill -9 "$p" 2>/dev/null || true
+    for q in $tree; do kill -9 "$q" 2>/dev/null || true; done
+  fi
+  rm -f "$STATE/pid/worker-pool.pid"
+}
+
 write_conf() {
   local conf="$STATE/conf"
   mkdir -p "$conf" "$STATE/log" "$STATE/tmp" "$STATE/pid"
@@ -176,6 +338,12 @@ taskmanager:
   memory:
     process:
       size: $TM_MEMORY
+  # batch exchanges use sort-shuffle, which reserves 512 network buffers per result partition
+  # by default: with parallelism 2 the ~90 tasks of this pipeline ran out of the TaskManager's
+  # 8,028 buffers ("Insufficient number of network buffers"); 64 is plenty at this size
+  network:
+    sort-shuffle:
+      min-buffers: 64
 parallelism:
   default: $SLOTS
 rest:
@@ -230,6 +398,8 @@ alive() { local p; for p in $(pids_of "$1"); do kill -0 "$p" 2>/dev/null && retu
 cmd_start() {
   fetch_flink
   fetch_job_server
+  local have_boot=0
+  if fetch_boot; then have_boot=1; write_boot_wrapper; fi
   if alive standalonesession && rest_up; then
     log "already running"
   else
@@ -250,8 +420,16 @@ cmd_start() {
     done
     log "up in ${t}s (logs: $STATE/log)"
   fi
+  if [ "$have_boot" = 1 ] && [ "$WORKER_POOL" = 1 ]; then
+    start_worker_pool || { cmd_stop || true; exit 1; }
+  fi
   echo "FLINK_MASTER=$HOST:$REST_PORT"
   echo "FLINK_JOB_SERVER_JAR=$JOB_SERVER_JAR"
+  if [ "$have_boot" = 1 ]; then
+    echo "BEAM_SDK_BOOT=$BOOT_WRAPPER"
+    [ "$WORKER_POOL" = 1 ] && echo "BEAM_WORKER_POOL=$HOST:$WORKER_POOL_PORT"
+  fi
+  return 0
 }
 
 kill_recorded() {  # TERM then KILL the pids in one pid file; only ours
@@ -267,14 +445,17 @@ kill_recorded() {  # TERM then KILL the pids in one pid file; only ours
 }
 
 cmd_stop() {
+  stop_worker_pool
   kill_recorded taskexecutor
   kill_recorded standalonesession
+  rm -rf "$STATE/sdk"
   log "stopped"
 }
 
 cmd_status() {
   if alive standalonesession && rest_up; then
     echo "running: FLINK_MASTER=$HOST:$REST_PORT (jobmanager pid $(pids_of standalonesession | tr '\n' ' ')taskmanager pid $(pids_of taskexecutor | tr '\n' ' '))"
+    if worker_pool_alive; then echo "worker pool: BEAM_WORKER_POOL=$HOST:$WORKER_POOL_PORT (pid $(worker_pool_pid))"; fi
   else
     echo "not running"
     return 3
@@ -285,7 +466,8 @@ case "${1:-}" in
   start) cmd_start ;;
   stop) cmd_stop ;;
   status) cmd_status ;;
-  fetch) fetch_flink; fetch_job_server; echo "FLINK_HOME=$FLINK_HOME"; echo "FLINK_JOB_SERVER_JAR=$JOB_SERVER_JAR" ;;
+  fetch) fetch_flink; fetch_job_server; echo "FLINK_HOME=$FLINK_HOME"; echo "FLINK_JOB_SERVER_JAR=$JOB_SERVER_JAR"
+         if fetch_boot; then echo "BEAM_SDK_BOOT_BINARY=$(boot_path "$(beam_sdk_version)")"; fi ;;
   kill-taskmanager) for p in $(pids_of taskexecutor); do kill -9 "$p" 2>/dev/null || true; done
                     rm -f "$STATE/pid/flink-$IDENT-taskexecutor.pid" ;;
   start-taskmanager) flink_env; "$FLINK_HOME/bin/taskmanager.sh" start >&2 ;;

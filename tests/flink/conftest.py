@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -28,9 +29,11 @@ def free_port() -> int:
 
 class Cluster:
     def __init__(self, state_dir):
+        self.state = Path(state_dir)
         self.env = dict(os.environ, FLINK_LOCAL_STATE=str(state_dir), PYTHON=sys.executable,
-                        FLINK_REST_PORT=str(free_port()), FLINK_RPC_PORT=str(free_port()))
-        self.master = self.jar = None
+                        FLINK_REST_PORT=str(free_port()), FLINK_RPC_PORT=str(free_port()),
+                        FLINK_WORKER_POOL_PORT=str(free_port()))
+        self.master = self.jar = self.boot = self.worker_pool = None
 
     def script(self, *args, timeout=900) -> subprocess.CompletedProcess:
         return subprocess.run(["bash", str(SCRIPT), *args], env=self.env, capture_output=True,
@@ -42,6 +45,9 @@ class Cluster:
         assert r.returncode == 0, f"flink-local.sh start failed:\n{r.stderr[-4000:]}"
         out = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
         self.master, self.jar = out["FLINK_MASTER"], out["FLINK_JOB_SERVER_JAR"]
+        # PROCESS / EXTERNAL: Beam's SDK boot program (built with the Go toolchain) and the
+        # worker pool next to the TaskManager; absent where no `go` could build the boot
+        self.boot, self.worker_pool = out.get("BEAM_SDK_BOOT"), out.get("BEAM_WORKER_POOL")
         self.start_seconds = time.monotonic() - t0
         return self
 
@@ -54,6 +60,25 @@ class Cluster:
     def stop(self):
         return self.script("stop", timeout=120)
 
+    def sdk_boots(self) -> list[str]:
+        """Lines of the boot wrapper's log: one 'start' and one 'end' per SDK environment."""
+        log = self.state / "log" / "sdk-boot.log"
+        return log.read_text().splitlines() if log.exists() else []
+
+    def leftover_processes(self) -> list[str]:
+        """Processes whose command line or working directory is in this cluster's state
+        directory (JobManager, TaskManager, worker pool, SDK boots and their SDK workers)."""
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                cwd = os.readlink(f"/proc/{pid}/cwd")
+            except OSError:
+                continue
+            if str(self.state) in cmd or cwd.startswith(str(self.state)):
+                found.append(f"{pid} {cmd[:200]}")
+        return found
+
 
 @pytest.fixture(scope="session")
 def flink_cluster(tmp_path_factory):
@@ -63,3 +88,4 @@ def flink_cluster(tmp_path_factory):
     finally:
         r = cluster.stop()
         assert r.returncode == 0, r.stderr[-2000:]
+        assert cluster.leftover_processes() == []

@@ -6,12 +6,18 @@ planted name). The local runner (FnApiRunner, multi-processing) runs once on the
 
 - the standalone cluster from ``scripts/flink-local.sh`` (``--flink_master 127.0.0.1:PORT``),
 - Flink's embedded mini cluster (``--flink_master [local]``),
-- the standalone cluster with its TaskManager killed while the job runs (and a new one started)
+- the standalone cluster with its TaskManager killed while the job runs (and a new one started),
+- the standalone cluster with SDK workers from the EXTERNAL worker pool that
+  ``flink-local.sh`` runs next to the TaskManager (``--environment_type EXTERNAL``),
 
 must give the same object bytes at the same paths, and the same manifest rows, dead letters,
 linkage rows and pseudonym store rows once run id, timestamps and shard names are set aside.
-Each run is the real CLI in a subprocess with ``--runner FlinkRunner ... --environment_type
-LOOPBACK``, as a user would type it.
+Each run is the real CLI in a subprocess with ``--runner FlinkRunner ...``, as a user would type
+it. Worker environments: LOOPBACK (SDK workers as threads of the launcher) on the standalone
+cluster and in the failover test; PROCESS (Beam's SDK boot program started by the mini
+cluster for each environment) on ``[local]``; EXTERNAL as above. PROCESS and EXTERNAL run
+separate SDK worker processes with the pipeline options the runner provisions, as on a real
+cluster.
 """
 
 from __future__ import annotations
@@ -38,8 +44,46 @@ pytestmark = pytest.mark.timeout(1200)
 
 
 def cli(*args, timeout=900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dicom_deid.cli", "run", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout)
+    """The CLI in its own session; afterwards nothing it started may still run (Beam's job
+    server JVM, SDK environments of [local]): such processes are killed and the test fails."""
+    cmd = [sys.executable, "-m", "dicom_deid.cli", "run", *map(str, args)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        left = session_leftovers(proc.pid)
+    assert not left, f"processes left behind by the CLI: {left}"
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def _session_pids(sid: int) -> dict:
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_bytes()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2:].split()  # state ppid pgrp session ...
+        if int(fields[3]) == sid and fields[0] != b"Z":
+            found[int(pid)] = cmd[:160]
+    return found
+
+
+def session_leftovers(sid: int, grace: float = 15.0) -> list[str]:
+    """Processes of session ``sid`` still running after ``grace`` seconds (then killed)."""
+    deadline = time.monotonic() + grace
+    found = _session_pids(sid)
+    while found and time.monotonic() < deadline:
+        time.sleep(0.5)
+        found = _session_pids(sid)
+    for pid in found:
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
+    return [f"{pid} {cmd}" for pid, cmd in found.items()]
 
 
 def cli_args(w, out: Path, priv: Path, run_id: str) -> list:
@@ -47,9 +91,15 @@ def cli_args(w, out: Path, priv: Path, run_id: str) -> list:
             "--run-id", run_id, "--no-progress"]
 
 
-def flink_args(master: str, jar: str) -> list:
-    return ["--runner", "FlinkRunner", "--flink_master", master, "--flink_version", FLINK_VERSION,
-            "--flink_job_server_jar", jar, "--environment_type", "LOOPBACK"]
+def flink_args(master: str, jar: str, environment: str = "LOOPBACK", config: str | None = None) -> list:
+    args = ["--runner", "FlinkRunner", "--flink_master", master, "--flink_version", FLINK_VERSION,
+            "--flink_job_server_jar", jar, "--environment_type", environment]
+    return args + (["--environment_config", config] if config else [])
+
+
+def needs_boot(cluster):
+    if not cluster.boot:
+        pytest.skip("no Beam SDK boot program (flink-local.sh builds it with `go`; none on PATH)")
 
 
 @pytest.fixture(scope="module")
@@ -145,12 +195,45 @@ def test_standalone_cluster_gives_the_local_runners_outputs(world, flink_cluster
     assert_nothing_identifying(r.stdout + r.stderr + flink_logs(flink_cluster))
 
 
-def test_embedded_mini_cluster_gives_the_local_runners_outputs(world, flink_cluster):
+def test_embedded_mini_cluster_with_process_workers_gives_the_local_runners_outputs(world, flink_cluster):
+    needs_boot(flink_cluster)
     out, priv = world["root"] / "mini-out", world["root"] / "mini-priv"
-    r = cli(*cli_args(world, out, priv, "flink-mini"), *flink_args("[local]", flink_cluster.jar))
+    before = len(flink_cluster.sdk_boots())
+    r = cli(*cli_args(world, out, priv, "flink-mini"),
+            *flink_args("[local]", flink_cluster.jar, "PROCESS", json.dumps({"command": flink_cluster.boot})))
     assert r.returncode == 0, r.stderr[-4000:]
     assert_same_as_local(world, snapshot(out, priv))
-    assert_nothing_identifying(r.stdout + r.stderr)
+    # the SDK work ran in processes started through Beam's boot program, and they all ended
+    boots = flink_cluster.sdk_boots()[before:]
+    assert any(" start " in b for b in boots)
+    assert_environments_ended(boots)
+    assert_nothing_identifying(r.stdout + r.stderr + flink_logs(flink_cluster))
+
+
+def assert_environments_ended(boots: list[str], timeout: float = 30.0):
+    """Every SDK environment (boot wrapper pid) started during the run has ended."""
+    started = {b.split(" pid=")[1].split()[0] for b in boots if " start " in b}
+    running = started
+    deadline = time.monotonic() + timeout  # the runner stops environments just after the job
+    while running and time.monotonic() < deadline:
+        time.sleep(0.5)
+        running = {p for p in started if os.path.exists(f"/proc/{p}")}
+    assert not running, f"SDK environments still running: {sorted(running)}"
+
+
+def test_external_worker_pool_gives_the_local_runners_outputs(world, flink_cluster):
+    needs_boot(flink_cluster)
+    assert flink_cluster.worker_pool, "flink-local.sh started no worker pool"
+    out, priv = world["root"] / "external-out", world["root"] / "external-priv"
+    log_start = len(flink_cluster.sdk_boots())
+    r = cli(*cli_args(world, out, priv, "flink-external"),
+            *flink_args(flink_cluster.master, flink_cluster.jar, "EXTERNAL", flink_cluster.worker_pool))
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert_same_as_local(world, snapshot(out, priv))
+    boots = flink_cluster.sdk_boots()[log_start:]
+    assert any(" start " in b for b in boots)  # SDK workers came from the pool, not the launcher
+    assert_environments_ended(boots)
+    assert_nothing_identifying(r.stdout + r.stderr + flink_logs(flink_cluster))
 
 
 def _running_job(cluster, known: set):
@@ -166,7 +249,8 @@ def test_taskmanager_killed_midway_job_recovers_with_identical_outputs(world, fl
     proc = subprocess.Popen([sys.executable, "-m", "dicom_deid.cli", "run",
                              *map(str, cli_args(world, out, priv, "flink-failover")),
                              *flink_args(flink_cluster.master, flink_cluster.jar)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
         # wait until the job runs and part of it is done, then kill the TaskManager
         deadline, jid, injected = time.monotonic() + 300, None, False
@@ -189,7 +273,9 @@ def test_taskmanager_killed_midway_job_recovers_with_identical_outputs(world, fl
     finally:
         if proc.poll() is None:
             proc.kill()
+        left = session_leftovers(proc.pid)
     assert proc.returncode == 0, stderr[-4000:]
+    assert not left, f"processes left behind by the CLI: {left}"
     # Flink saw the failure and restarted the job
     history = flink_cluster.rest(f"/jobs/{jid}/exceptions")
     assert history.get("exceptionHistory", {}).get("entries") or history.get("root-exception")

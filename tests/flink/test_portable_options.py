@@ -22,3 +22,16 @@ def test_an_explicit_choice_wins_and_other_runners_are_left_alone():
     assert experiments(["--runner", "FlinkRunner", "--experiments=pre_optimize=default"]) == ["pre_optimize=default"]
     assert "pre_optimize=all" not in experiments([])  # local FnApiRunner fuses by itself
     assert "pre_optimize=all" not in experiments(["--runner", "DataflowRunner"])
+
+
+def test_a_relative_key_file_reaches_workers_as_an_absolute_path(tmp_path, monkeypatch):
+    """SDK workers of PROCESS/EXTERNAL environments run in another working directory (the
+    worker pool's, the TaskManager's): a relative --key would not be found there."""
+    from dicom_deid.options import make_config
+    (tmp_path / "k.hex").write_text("ab" * 32)
+    monkeypatch.chdir(tmp_path)
+    cfg = make_config(["in/**"], "out", "priv", key="k.hex", run_id="r")
+    assert cfg.key_ref.ref == str(tmp_path / "k.hex")
+    assert make_config(["in/**"], "out", "priv", key="file:k.hex", run_id="r").key_ref.ref == str(tmp_path / "k.hex")
+    monkeypatch.setenv("DD_TEST_KEY", "cd" * 32)
+    assert make_config(["in/**"], "out", "priv", key="env:DD_TEST_KEY", run_id="r").key_ref.ref == "env:DD_TEST_KEY"

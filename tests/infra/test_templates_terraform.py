@@ -7,8 +7,10 @@
 - the Dockerfile's Beam SDK image is the apache-beam version pinned in setup.py;
 - every Terraform variable is documented and used; the buckets have uniform access,
   public access prevention, versioning and CMEK; the private bucket has a retention policy;
-- ``terraform fmt -check`` when a terraform binary is on PATH (none is installable from the
-  registries CI reaches, so CI runs the HCL parse checks only).
+- ``terraform fmt -check`` when a terraform binary is on PATH (this machine image ships one;
+  none is installable from the registries CI reaches, so elsewhere only the HCL parse checks
+  run). ``terraform validate`` cannot run: ``init`` needs the google provider from
+  registry.terraform.io, which is not reachable (see docs/running-at-scale.md).
 """
 
 from __future__ import annotations
