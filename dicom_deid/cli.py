@@ -71,6 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
     le.add_argument("--private", required=True, metavar="PREFIX", help="the run's private prefix")
     le.add_argument("--out", required=True, metavar="DIR", help="local folder for the CSVs (private!)")
     le.add_argument("--run-id", default=None, help="only this run (default: every run, latest wins)")
+    g = sub.add_parser("gc", help="remove what stopped (killed) runs left: staging, temporary sink files, "
+                                  "uncommitted record compactions; never a live run's",
+                       description="Remove what stopped runs left under an output prefix (and private "
+                                   "prefix). A run is stopped when its launcher process is gone (same "
+                                   "machine) or its lease was not renewed for --stale-after. Other "
+                                   "options (e.g. --s3_endpoint_url) go to Beam's file systems.")
+    g.add_argument("--output", required=True, metavar="PREFIX", help="the runs' public prefix")
+    g.add_argument("--private", default=None, metavar="PREFIX", help="the runs' private prefix (optional)")
+    g.add_argument("--stale-after", default=None, metavar="DURATION",
+                   help="a lease not renewed for this long is a stopped run's: 90s, 30m, 6h, 2d "
+                        "(default 6h; never less than 3 heartbeats of that run)")
+    g.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     d = sub.add_parser("demo", help="make sample data with fake identifiers and de-identify it")
     d.add_argument("--dir", default="demo-output", help="where to put sample data and results")
     d.add_argument("--files", type=int, default=24)
@@ -127,6 +139,30 @@ def cmd_demo(args) -> int:
         print("  " + "  ".join(f"{k}={v}" for k, v in r.items()))
     print(f"\nlook at: {cfg.output} (de-identified objects), {cfg.run.manifest_dir()} (manifest), "
           f"{cfg.private} (private: linkage, dead letters)")
+    return 0
+
+
+def cmd_gc(argv: Sequence[str]) -> int:
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from . import housekeeping, storage
+    from .options import _norm
+    args, beam_args = build_parser().parse_known_args(["gc", *argv])
+    try:
+        stale = housekeeping.parse_duration(args.stale_after) if args.stale_after else None
+    except ValueError:
+        raise ConfigError("--stale-after: a duration such as 90s, 30m, 6h or 2d") from None
+    opts = PipelineOptions(list(beam_args))
+    FileSystems.set_options(opts)
+    storage.configure(opts)
+    rep = housekeeping.collect(_norm(args.output), _norm(args.private) if args.private else None,
+                               stale_after=stale, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"gc: {len(rep['runs_stopped'])} stopped run(s) {', '.join(rep['runs_stopped']) or ''}".rstrip()
+          + f"; {len(rep['runs_live'])} live run(s) left alone"
+          + f"; {verb} {rep['staged_objects_removed']} staged object(s), "
+          f"{rep['sink_temp_objects_removed']} temporary sink file(s), "
+          f"{rep['uncommitted_compactions_removed']} uncommitted record compaction file(s)")
     return 0
 
 
@@ -189,6 +225,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if argv and argv[0] == "run":
             return cmd_run(argv[1:])
+        if argv and argv[0] == "gc":
+            return cmd_gc(argv[1:])
         args = build_parser().parse_args(argv)
         if args.command == "demo":
             return cmd_demo(args)
@@ -220,6 +258,9 @@ def entry() -> None:  # pragma: no cover - the console script and ``python -m``
         code = main()
     except SystemExit as exc:  # argparse's --help/--version/usage errors
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    pipelines = sys.modules.get("dicom_deid.pipelines.deidentify")
+    if pipelines is not None:  # Beam stops a portable run's job server only at exit: do it here
+        pipelines.stop_job_servers()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

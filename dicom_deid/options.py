@@ -23,6 +23,15 @@ def _is_local(uri: str) -> bool:
     return "://" not in uri or uri.startswith("file://")
 
 
+def _absolute_key_file(key: str) -> str:
+    """A key file path made absolute at the edge: workers resolve the reference in their own
+    working directory (a Flink worker pool's or TaskManager's), not the launcher's."""
+    if key.startswith("env:") or "://" in key:
+        return key
+    path = key[5:] if key.startswith("file:") else key
+    return os.path.abspath(os.path.expanduser(path))
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     inputs: tuple[str, ...]
@@ -76,7 +85,7 @@ def make_config(inputs, output: str, private: str, policy: Optional[str] = None,
                           f"{', '.join(pol.unapplied_options)}")
     created = False
     if key:
-        key_ref = keys.KeyRef(key)
+        key_ref = keys.KeyRef(_absolute_key_file(key))
     else:
         if not _is_local(private):
             raise ConfigError("no --key given and the private prefix is not local: refusing to invent "
@@ -96,7 +105,11 @@ def make_config(inputs, output: str, private: str, policy: Optional[str] = None,
     if pol.strategy == "lookup" and not lookup_table:
         raise ConfigError(f"policy {pol.label} uses pseudonym strategy 'lookup': pass --lookup-table FILE")
     pseudonyms.validate_tables(lookup_table, exclusions)
-    return RunConfig(inputs=tuple(inputs), output=output, private=private, policy=pol,
+    # local patterns made absolute here, not on workers (another working directory); an
+    # input's identity (input_key) is its canonical URI: see storage.canonical_uri
+    from . import storage
+    inputs = tuple(storage.canonical_pattern(p) for p in inputs)
+    return RunConfig(inputs=inputs, output=output, private=private, policy=pol,
                      key_ref=key_ref, run_id=run_id or new_run_id(), strict=strict,
                      max_input_bytes=max_input_bytes, progress=progress, key_created=created,
                      lookup_table=lookup_table, exclusions=exclusions, incremental=incremental)

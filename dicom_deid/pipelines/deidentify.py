@@ -39,7 +39,7 @@ from ..transforms.tags import DeidentifyTags
 from ..transforms.verify import VerifyNoPHI
 from ..transforms.write import LINKAGE, OUTCOME_PARTS, WriteDicom
 from ..transforms import incremental
-from .. import storage
+from .. import housekeeping, storage
 
 log = logging.getLogger("dicom_deid")
 LOCAL_RUNNER = "FnApiRunner"
@@ -96,6 +96,24 @@ def make_runner(opts: PipelineOptions):
         # (Beam 2.77): hand them ours (storage endpoints, --beam_plugins, log level)
         return FnApiRunner(provision_info=storage.worker_provision_info(opts))
     return None  # Beam resolves the runner named in the options
+
+
+def stop_job_servers() -> None:
+    """Stop the job servers Beam started for portable runs (Flink's is a JVM).
+
+    Beam stops them only at interpreter exit (an ``atexit`` handler), which the CLI skips
+    (``os._exit``, see ``cli.entry``): without this every Flink run left its job server running.
+    """
+    mod = sys.modules.get("apache_beam.runners.portability.job_server")
+    if mod is None:
+        return
+    import gc
+    for obj in gc.get_objects():
+        if isinstance(obj, mod.StopOnExitJobServer):
+            try:
+                obj.stop()
+            except Exception:  # noqa: BLE001 - best effort on the way out; nothing identifying
+                log.warning("could not stop a Beam job server (%s)", type(obj).__name__)
 
 
 def is_local_runner(opts: PipelineOptions) -> bool:
@@ -247,6 +265,8 @@ def run(cfg: RunConfig, beam_args: Sequence[str] = (), stream=None) -> dict:
     opts = pipeline_options(list(beam_args) + storage.beam_plugin_args(beam_args))
     FileSystems.set_options(opts)
     storage.configure(opts)
+    for warning in storage.check_patterns(cfg.inputs):  # a missing path: ConfigError (exit 2)
+        print(warning, file=stream)
     local = is_local_runner(opts)
     if cfg.policy.unapplied_options:
         print(f"note: policy {cfg.policy.label} names options this version cannot apply yet: "
@@ -255,22 +275,34 @@ def run(cfg: RunConfig, beam_args: Sequence[str] = (), stream=None) -> dict:
     # a store built with another key is refused before anything runs (a new key is a new
     # pseudonym space); a new store records this key's fingerprint
     from .. import keys as keys_mod, pseudonyms as pseudonyms_mod
-    pseudonyms_mod.check_store(pseudonyms_mod.store_dir(cfg.private),
-                               keys_mod.Deriver(keys_mod.resolve(cfg.key_ref)).key_fingerprint())
-    progress = Progress(None, stream) if (local and cfg.progress) else None
-    if progress and not cfg.incremental:  # counted beside the run: listing never delays it
-        threading.Thread(target=lambda: setattr(progress, "total", count_inputs(cfg.inputs)),
-                         daemon=True).start()
-    t0 = time.time()
-    p = beam.Pipeline(runner=make_runner(opts), options=opts)
-    build(p, cfg, progress.dir if progress else None)
-    if progress:
-        with progress:
+    sdir = pseudonyms_mod.store_dir(cfg.private)
+    # one run at a time per pseudonym store: a lease this launcher renews while it waits for
+    # the job (another run waits, then fails naming the holder's run id; see StoreLock)
+    lock = pseudonyms_mod.StoreLock(sdir, cfg.run_id).acquire(
+        notify=lambda m: print(m, file=stream), require_exclusive=cfg.policy.strategy == "sequential")
+    lease = None
+    try:
+        # remove what stopped runs left (their staging); this run's lease marks it alive
+        lease = housekeeping.start_run(cfg.output, cfg.private, cfg.run_id, lambda m: print(m, file=stream))
+        pseudonyms_mod.check_store(sdir, keys_mod.Deriver(keys_mod.resolve(cfg.key_ref)).key_fingerprint())
+        progress = Progress(None, stream) if (local and cfg.progress) else None
+        if progress and not cfg.incremental:  # counted beside the run: listing never delays it
+            threading.Thread(target=lambda: setattr(progress, "total", count_inputs(cfg.inputs)),
+                             daemon=True).start()
+        t0 = time.time()
+        p = beam.Pipeline(runner=make_runner(opts), options=opts)
+        build(p, cfg, progress.dir if progress else None)
+        if progress:
+            with progress:
+                result = p.run()
+                result.wait_until_finish()
+        else:
             result = p.run()
             result.wait_until_finish()
-    else:
-        result = p.run()
-        result.wait_until_finish()
+    finally:
+        lock.release()
+        if lease is not None:
+            lease.stop()
     cleanup_staging(cfg)
     summary = summary_mod.summarize(cfg, time.time() - t0, runner=type(p.runner).__name__,
                                     running_mode=opts.view_as(DirectOptions).direct_running_mode if local else None,
@@ -280,6 +312,7 @@ def run(cfg: RunConfig, beam_args: Sequence[str] = (), stream=None) -> dict:
     summary_mod.write(cfg, summary)
     if cfg.incremental:  # the manifest is published: later runs need not recover its rows
         incremental.mark_complete(cfg.run, summary)
+        incremental.commit_compaction(cfg.run)  # if this run compacted the record
     return summary
 
 
