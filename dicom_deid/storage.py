@@ -825,6 +825,19 @@ def sha256_of(uri: str) -> Optional[str]:
 
 
 # --- writing -----------------------------------------------------------------------------
+def _write_local_temp(path: str, data: bytes, durable: bool) -> str:
+    """Write ``data`` completely to a temp name beside ``path`` (fsynced when ``durable``);
+    the caller publishes it by rename or link."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    return tmp
+
+
 def write_bytes(uri: str, data: bytes, content_type: str = "application/octet-stream",
                 on_retry=None, durable: bool = False) -> None:
     """Write a whole object: local temp name + rename; object stores: one upload, which
@@ -832,14 +845,8 @@ def write_bytes(uri: str, data: bytes, content_type: str = "application/octet-st
     s = scheme(uri)
     if s == "file":
         path = local_path(uri)
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            if durable:  # stores and records that must survive a crash; not the hot path
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
+        # durable: stores and records that must survive a crash; not the hot path
+        os.replace(_write_local_temp(path, data, durable), path)
         return
 
     def op():
@@ -867,12 +874,7 @@ def create_if_absent(uri: str, data: bytes, on_retry=None) -> bool:
     s = scheme(uri)
     if s == "file":
         path = local_path(uri)
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp = _write_local_temp(path, data, durable=True)
         try:
             os.link(tmp, path)  # atomic, and the name never shows a partial object
             return True
