@@ -74,7 +74,7 @@ class DicomObject:
     """One input object in flight. Mutable; stages fill ``facts`` for the manifest row."""
 
     __slots__ = ("ref", "dataset", "phi", "sha256", "fingerprint", "temp_path", "facts",
-                 "private", "output_bytes", "patient_key")
+                 "private", "output_bytes", "output_file", "patient_key")
 
     def __init__(self, ref: InputRef, dataset, phi: PhiContext, sha256: str, fingerprint: str,
                  temp_path: Optional[str] = None):
@@ -89,6 +89,9 @@ class DicomObject:
         #: private facts -> linkage table (original UIDs, patient key)
         self.private: dict[str, Any] = {}
         self.output_bytes: Optional[bytes] = None
+        #: large objects: the serialised output on local disk instead of ``output_bytes``
+        #: (a :class:`~dicom_deid.writer.OutputFile`; its file is removed by release())
+        self.output_file = None
         #: HMAC of the patient key (hex); what side inputs are looked up by
         self.patient_key: Optional[str] = None
 
@@ -99,9 +102,13 @@ class DicomObject:
         return f"DicomObject(input_key={self.ref.input_key})"
 
     def release(self) -> None:
-        """Drop the dataset and delete any temp file (deferred values live there)."""
+        """Drop the dataset and delete any temp files (deferred values live in the input's;
+        a large object's serialised output in the other)."""
         self.dataset = None
         self.output_bytes = None
+        if self.output_file is not None:
+            self.output_file.remove()
+            self.output_file = None
         if self.temp_path:
             try:
                 os.unlink(self.temp_path)

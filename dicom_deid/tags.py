@@ -31,7 +31,7 @@ from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 
 from . import __version__, standard
-from .dsutil import vr_of
+from .dsutil import BULK_TAGS, vr_of
 from .element import DicomObject
 from .keys import Deriver, REGISTRY_UID_ROOT
 from .policy import BASIC_CODE, OPTION_CODES, Policy
@@ -308,6 +308,11 @@ def _walk(ds: Dataset, path: tuple, ctx: _Ctx, cleaning: bool = False) -> None:
             if vr is not None and vr not in _UNLISTED_NEEDS_VALUE and not (
                     cleaning and (vr in _TEXT_VRS or vr == "PN")):
                 ctx.counts.kept += 1  # what _unlisted does for such an element, unconverted
+                continue
+            if fast and vr is None and t in BULK_TAGS:
+                # pixel/waveform data read with implicit VR ("OB or OW"): kept as read;
+                # converting would load a deferred value (a large object) into memory
+                ctx.counts.kept += 1
                 continue
             _unlisted(ds, ds[tag], path, ctx, cleaning)
             continue

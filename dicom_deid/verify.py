@@ -11,12 +11,15 @@ of value, never the value.
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from pydicom.dataset import Dataset
 
 from .dsutil import walk
 from .element import DicomObject, PhiContext
+
+if TYPE_CHECKING:
+    from .writer import OutputFile
 
 MIN_NAME = 4
 MIN_ALNUM_ID = 4
@@ -64,14 +67,33 @@ class _Matcher:
     def __bool__(self):
         return bool(self.tokens)
 
-    def search(self, text: str) -> bool:
+    def search(self, text: str, open_left: bool = False, open_right: bool = False) -> bool:
+        """``open_left``/``open_right``: ``text`` is a window of a longer text, so a match
+        touching that edge cannot be judged here (an overlapping window judges it)."""
         for tok in self.tokens:
             start = text.find(tok)
             while start >= 0:
                 end = start + len(tok)
-                if (start == 0 or text[start - 1] not in _WORD) and (end == len(text) or text[end] not in _WORD):
+                if ((start > 0 and text[start - 1] not in _WORD or start == 0 and not open_left)
+                        and (end < len(text) and text[end] not in _WORD or end == len(text) and not open_right)):
                     return True
                 start = text.find(tok, start + 1)
+        return False
+
+    def search_file(self, f, length: int, window: int) -> bool:
+        """:meth:`search` over the first ``length`` bytes of a binary file, decoded as
+        Latin-1 and upper-cased, ``window`` bytes at a time: windows overlap by more than
+        the longest token, so every occurrence is judged whole, with both neighbours, in
+        one window (the same answer as one search over the whole text)."""
+        if length <= window:
+            f.seek(0)
+            return self.search(f.read(length).decode("latin-1").upper())
+        overlap = max(len(t) for t in self.tokens) + 1
+        for start in range(0, length, window):
+            lo, hi = max(0, start - overlap), min(length, start + window + overlap)
+            f.seek(lo)
+            if self.search(f.read(hi - lo).decode("latin-1").upper(), open_left=lo > 0, open_right=hi < length):
+                return True
         return False
 
 
@@ -132,8 +154,14 @@ _BINARY_NUMBERS = frozenset({"UL", "SL", "UV", "SV", "FL", "FD"})
 _CHARSET_VRS = frozenset({"SH", "LO", "ST", "LT", "UC", "UT", "PN"})
 
 
-def find_residuals(obj: DicomObject, output_bytes: bytes) -> list[str]:
-    """Return findings as ``"<kind>:<tag>"`` strings (no values)."""
+#: the raw bytes of a serialised file are searched this many bytes at a time
+FILE_WINDOW = 8 * 1024 * 1024
+
+
+def find_residuals(obj: DicomObject, output: "bytes | OutputFile") -> list[str]:
+    """Return findings as ``"<kind>:<tag>"`` strings (no values). ``output`` is the
+    serialised object: bytes, or (large objects) a :class:`~dicom_deid.writer.OutputFile`
+    on local disk, searched in windows, pixel data never loaded: the same checks."""
     words, ids = tokens(obj.phi)
     pat = _Matcher(words | ids)
     findings: list[str] = []
@@ -151,8 +179,14 @@ def find_residuals(obj: DicomObject, output_bytes: bytes) -> list[str]:
                 if pat.search(str(elem.value).upper()):
                     findings.append(f"{RESIDUAL_PHI}:{int(elem.tag):08X}")
         if not findings:
-            region = _non_pixel_region(ds, output_bytes)
-            if pat.search(region.decode("latin-1").upper()):
+            if isinstance(output, (bytes, bytearray, memoryview)):
+                region = _non_pixel_region(ds, output)
+                hit = pat.search(bytes(region).decode("latin-1").upper())
+            else:
+                length = max(0, output.size - _pixel_length(ds, output.copied))
+                with open(output.path, "rb") as f:
+                    hit = pat.search_file(f, length, FILE_WINDOW)
+            if hit:
                 findings.append(f"{RESIDUAL_PHI}:raw")
     originals = {v for k, v in obj.private.items() if k.startswith("original_") and k.endswith("_uid") and v}
     if originals:
@@ -163,11 +197,19 @@ def find_residuals(obj: DicomObject, output_bytes: bytes) -> list[str]:
 
 
 def _non_pixel_region(ds: Dataset, data: bytes) -> bytes:
+    return data[: max(0, len(data) - _pixel_length(ds))]
+
+
+def _pixel_length(ds: Dataset, copied: "dict | None" = None) -> int:
+    """Length of the Pixel Data value (0 when absent); ``copied``: lengths of values the
+    writer copied from the input file (an encapsulated one is not loaded to measure it)."""
     px = ds.get_item(0x7FE00010, keep_deferred=True) if 0x7FE00010 in ds else None
     if px is None:
-        return data
+        return 0
     n = getattr(px, "length", None)
     if not isinstance(n, int) or n <= 0 or n == 0xFFFFFFFF:
+        if copied and 0x7FE00010 in copied:
+            return copied[0x7FE00010]
         v = ds.PixelData
         n = len(v) if v is not None else 0
-    return data[: max(0, len(data) - n)]
+    return n

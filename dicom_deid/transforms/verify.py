@@ -6,7 +6,7 @@ from __future__ import annotations
 import apache_beam as beam
 
 from .. import verify, writer
-from .common import object_pardo, DEAD_LETTER, MAIN, OUTCOME, ObjectStageFn, counter, quarantine
+from .common import object_pardo, DEAD_LETTER, MAIN, OUTCOME, ObjectStageFn, counter, quarantine, tmp_dir
 
 
 class VerifyNoPHI(beam.PTransform):
@@ -27,14 +27,20 @@ class _VerifyFn(ObjectStageFn):
         self._findings = counter("verify", "objects_with_findings")
 
     def handle(self, obj):
-        data = writer.serialize(obj.dataset)
+        if writer.has_deferred(obj.dataset):
+            # a large input read with deferred values: serialise to a local temp file, the
+            # deferred values copied in chunks (release() removes it, also on failure)
+            obj.output_file = data = writer.serialize_to_file(obj.dataset, tmp_dir())
+        else:
+            data = writer.serialize(obj.dataset)
         findings = verify.find_residuals(obj, data)
         if findings:
             self._findings.inc()
             reason = findings[0].split(":", 1)[0]
             yield quarantine(self._run, obj, self.stage, reason, verification="findings")
             return
-        obj.output_bytes = data
+        if obj.output_file is None:
+            obj.output_bytes = data
         obj.facts["verification"] = "passed"
         meta = obj.dataset.file_meta
         obj.facts["transfer_syntax_out"] = str(meta.get("TransferSyntaxUID", "") or "") or None

@@ -33,6 +33,11 @@ def write_bytes(uri: str, data: bytes) -> None:
     storage.write_bytes(uri, data, content_type="application/dicom")
 
 
+def write_file(uri: str, path: str) -> None:
+    """Stage a large object serialised to a local file, streamed from disk."""
+    storage.write_file(uri, path, content_type="application/dicom")
+
+
 def publish(staged: str, final: str) -> None:
     if storage.is_local(staged) and storage.is_local(final):
         dst = storage.local_path(final)
@@ -80,17 +85,29 @@ class _StageFn(ObjectStageFn):
         self._staged = counter("write", "objects_staged")
 
     def handle(self, obj):
+        try:
+            yield from self._stage(obj)
+        finally:
+            obj.release()  # temp files go also when staging fails (transient errors included)
+
+    def _stage(self, obj):
         f = obj.facts
         rel = writer.relative_path(f.get("pseudo_patient_id"), f.get("study_uid"),
                                    f.get("series_uid"), f.get("sop_uid"))
-        data = obj.output_bytes
         staged = f"{self._run.staging_dir()}/{obj.ref.input_key}.dcm"
         final = f"{self._run.output.rstrip('/')}/{rel}"
-        write_bytes(staged, data)
+        out = obj.output_file
+        if out is not None:  # large object: on local disk, sha256 and size known
+            write_file(staged, out.path)
+            size, sha = out.size, out.sha256
+        else:
+            data = obj.output_bytes
+            write_bytes(staged, data)
+            size, sha = len(data), writer.sha256(data)
         self._staged.inc()
         cols = {k: v for k, v in f.items() if k in manifest.COLUMNS}
-        cols.update(content_fingerprint=obj.fingerprint, output_path=final, output_size=len(data),
-                    output_sha256=writer.sha256(data))
+        cols.update(content_fingerprint=obj.fingerprint, output_path=final, output_size=size,
+                    output_sha256=sha)
         record = {"input_key": obj.ref.input_key, "staged": staged, "row": cols}
         p = obj.private
         link = manifest.linkage_row(

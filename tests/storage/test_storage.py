@@ -223,6 +223,34 @@ def test_write_copy_delete(scheme, request, in_store):
     assert storage.delete_prefix(store.uri(bucket, "d")) == 1 and store.keys(bucket) == []
 
 
+@pytest.mark.parametrize("scheme", ["file", "s3", "gs"])
+def test_write_file_uploads_from_disk_in_pieces_and_retries(scheme, request, in_store, monkeypatch, tmp_path):
+    """A large staged object is written from a local file: S3 multipart above the threshold,
+    GCS resumable in CHUNK pieces, local copy + rename; transient failures start it again."""
+    monkeypatch.setattr(storage, "CHUNK", 1024 * 1024)
+    monkeypatch.setattr(storage, "S3_MULTIPART_THRESHOLD", 6 * 1024 * 1024)
+    monkeypatch.setattr(storage, "S3_PART", 5 * 1024 * 1024)
+    monkeypatch.setattr(storage, "BACKOFF", 0.05)
+    data = os.urandom(12 * 1024 * 1024 + 17)
+    src = tmp_path / "out.dcm"
+    src.write_bytes(data)
+    if scheme == "file":
+        uri = str(tmp_path / "dest" / "sub" / "x.dcm")
+        storage.write_file(uri, str(src), content_type="application/dicom")
+        assert open(uri, "rb").read() == data and os.listdir(tmp_path / "dest" / "sub") == ["x.dcm"]
+        return
+    store = in_store(request.getfixturevalue(f"{scheme}_store"))
+    bucket = store.new_bucket()
+    uri = store.uri(bucket, "staged/x.dcm")
+    store.proxy.fail_for(0.3, 503)
+    storage.write_file(uri, str(src), content_type="application/dicom")
+    assert storage.sha256_of(uri) == hashlib.sha256(data).hexdigest()
+    assert store.keys(bucket) == ["staged/x.dcm"] and store.proxy.served["failed"] >= 1
+    pieces = [p for m, p in store.proxy.requests if m in ("PUT", "POST") and
+              ("partNumber=" in p if scheme == "s3" else "upload_id=" in p)]
+    assert len(pieces) >= 3, store.proxy.requests  # in pieces, not one request of the whole
+
+
 # --- GCS credentials --------------------------------------------------------------------------
 def test_emulator_host_means_anonymous_without_a_credential_search(monkeypatch):
     import google.auth
