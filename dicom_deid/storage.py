@@ -871,17 +871,28 @@ S3_PART = 32 * 1024 * 1024
 
 
 def write_file(uri: str, path: str, content_type: str = "application/octet-stream",
-               on_retry=None) -> None:
+               on_retry=None, move: bool = False) -> None:
     """:func:`write_bytes` from a local file, streamed (never the whole file in memory):
-    local: copied to a temp name beside ``uri`` and renamed; GCS: a resumable upload in
-    :data:`CHUNK` pieces (the object appears when it is finalised); S3: one PUT from the
-    file, or above :data:`S3_MULTIPART_THRESHOLD` a multipart upload (the object appears
-    when it is completed). A retry starts the upload again from the file."""
+    local: renamed into place when ``move`` and on the same file system (the file is then
+    gone from ``path``; given the mode a new file would get), else copied to a temp name
+    beside ``uri`` and renamed; GCS: a resumable upload in :data:`CHUNK` pieces (the object
+    appears when it is finalised); S3: one PUT from the file, or above
+    :data:`S3_MULTIPART_THRESHOLD` a multipart upload (the object appears when it is
+    completed). A retry starts the upload again from the file."""
     s = scheme(uri)
     if s == "file":
         import shutil
         dst = local_path(uri)
         os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
+        if move:
+            try:
+                os.chmod(path, 0o666 & ~_umask())
+                os.replace(path, dst)  # atomic, and no copy of a large file
+                return
+            except OSError as exc:
+                import errno
+                if exc.errno != errno.EXDEV:
+                    raise
         tmp = f"{dst}.tmp-{os.getpid()}-{threading.get_ident()}"
         try:
             shutil.copyfile(path, tmp)  # in kernel where it can (copy_file_range/sendfile)
@@ -919,6 +930,18 @@ def write_file(uri: str, path: str, content_type: str = "application/octet-strea
                         break
                     f.write(b)
     with_retries(op, on_retry=on_retry)
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (Linux), else the usual 022."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
 
 
 def create_if_absent(uri: str, data: bytes, on_retry=None) -> bool:

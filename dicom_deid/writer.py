@@ -104,12 +104,9 @@ def has_deferred(ds: Dataset) -> bool:
 
 def _deferred(ds: Dataset) -> list:
     from pydicom.dataelem import RawDataElement
-    out = []
-    for tag in ds.keys():
-        elem = ds.get_item(tag, keep_deferred=True)
-        if isinstance(elem, RawDataElement) and elem.value is None and elem.length:
-            out.append(elem)
-    return out
+    # the elements as stored (what get_item(keep_deferred=True) returns), without its per-tag work
+    return [e for e in ds._dict.values()
+            if isinstance(e, RawDataElement) and e.value is None and e.length]
 
 
 def serialize_to_file(ds: Dataset, tmp_dir: str) -> OutputFile:

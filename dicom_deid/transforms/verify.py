@@ -27,7 +27,7 @@ class _VerifyFn(ObjectStageFn):
         self._findings = counter("verify", "objects_with_findings")
 
     def handle(self, obj):
-        if writer.has_deferred(obj.dataset):
+        if obj.temp_path and writer.has_deferred(obj.dataset):  # (only temp-file inputs defer)
             # a large input read with deferred values: serialise to a local temp file, the
             # deferred values copied in chunks (release() removes it, also on failure)
             obj.output_file = data = writer.serialize_to_file(obj.dataset, tmp_dir())

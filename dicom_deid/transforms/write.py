@@ -34,8 +34,9 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 
 def write_file(uri: str, path: str) -> None:
-    """Stage a large object serialised to a local file, streamed from disk."""
-    storage.write_file(uri, path, content_type="application/dicom")
+    """Stage a large object serialised to a local file, streamed from disk (local staging:
+    the file is moved into place where it can be)."""
+    storage.write_file(uri, path, content_type="application/dicom", move=True)
 
 
 def publish(staged: str, final: str) -> None:

@@ -48,7 +48,7 @@ for line in sys.stdin:
     read.IN_MEMORY_MAX = job["in_memory_max"] or (64 * 1024 * 1024)
     code = cli.main(["run", "--input", job["in"], "--output", job["out"], "--private", job["private"],
                      "--key", job["key"], "--no-progress", "--direct_running_mode=in_memory",
-                     "--direct_num_workers=1"])
+                     "--direct_num_workers=1", *job.get("args", [])])
     print(json.dumps({"code": code, "streamed": len(streamed),
                       "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}), flush=True)
 import os
@@ -96,8 +96,8 @@ def _make(path: Path, megabytes: float, ts=ExplicitVRLittleEndian, planted_blob:
     return path
 
 
-def _run(jobs: list[dict], tmp: Path) -> list[dict]:
-    env = dict(os.environ, DICOM_DEID_TMPDIR=str(tmp), PYTHONPATH=str(REPO))
+def _run(jobs: list[dict], tmp: Path, env_extra: dict | None = None) -> list[dict]:
+    env = dict(os.environ, DICOM_DEID_TMPDIR=str(tmp), PYTHONPATH=str(REPO), **(env_extra or {}))
     proc = subprocess.run([sys.executable, "-c", RUNNER], input="".join(json.dumps(j) + "\n" for j in jobs),
                           capture_output=True, text=True, env=env, timeout=900, cwd=str(REPO))
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -238,6 +238,10 @@ def test_write_file_uploads_from_disk_in_pieces_and_retries(scheme, request, in_
         uri = str(tmp_path / "dest" / "sub" / "x.dcm")
         storage.write_file(uri, str(src), content_type="application/dicom")
         assert open(uri, "rb").read() == data and os.listdir(tmp_path / "dest" / "sub") == ["x.dcm"]
+        assert src.exists()
+        storage.write_file(str(tmp_path / "dest" / "moved.dcm"), str(src), move=True)  # a rename
+        assert open(tmp_path / "dest" / "moved.dcm", "rb").read() == data and not src.exists()
+        assert os.stat(tmp_path / "dest" / "moved.dcm").st_mode & 0o777 == os.stat(uri).st_mode & 0o777
         return
     store = in_store(request.getfixturevalue(f"{scheme}_store"))
     bucket = store.new_bucket()
