@@ -5,6 +5,8 @@ What the pipeline needs from a store, done the same way on every scheme:
 * :func:`iter_objects` lists a Beam file pattern (``*``, ``**``, ``?``, ``[...]``) page by
   page as :class:`ObjectInfo` (URI, size, the store's version: GCS generation, S3 ETag,
   else size and mtime). Nothing is collected: 100,000 names are never held in a list.
+  :func:`plan_listing` + :func:`iter_task` split the same listing into folder / key-prefix
+  tasks that different workers list in parallel (same objects, each listed once).
 * :func:`fetch` reads a whole object, small ones into memory, large ones streamed to a local
   temp file in ranged chunks (each chunk retried on its own, so a dropped connection costs
   one chunk, not the object); :func:`read_head` reads only the first bytes.
@@ -399,8 +401,63 @@ def reset_clients() -> None:
 
 
 # --- listing -----------------------------------------------------------------------------
+#: how many listing tasks :func:`plan_listing` aims for (splitting stops once it has them)
+SPLIT_TARGET = int(os.environ.get("DICOM_DEID_LIST_SPLIT_TARGET", "64"))
+#: how many folder levels :func:`plan_listing` may open to find that many tasks
+SPLIT_DEPTH = 3
+
+
+class _Pattern:
+    """A file pattern compiled once for listing: ``base`` (the literal text up to the last
+    ``/`` before the first wildcard; local: a folder), ``lit`` (the literal text after it, up
+    to the first wildcard), and matchers on names *relative to base*: ``rx`` (the whole
+    pattern, Beam's semantics exactly: ``translate_pattern`` is character by character, so
+    the literal base can be cut off) and per-segment matchers used only to skip folders that
+    cannot hold a match.
+
+    Folder pruning is exact, never a guess: a segment is used only if it holds nothing but
+    literals and single ``*`` (``[^/]*``: cannot cross ``/``); Beam's ``?`` and ``[...]`` can
+    match ``/``, and ``**`` anything, so from the first such segment on, folders are opened."""
+
+    __slots__ = ("pattern", "base", "lit", "rx", "everything", "segs", "depth")
+
+    def __init__(self, pattern: str):
+        from apache_beam.io.filesystem import FileSystem
+        self.pattern = pattern
+        m = _GLOB.search(pattern)
+        pre = pattern[:m.start()] if m else pattern
+        cut = pre.rfind("/") + 1
+        self.base, self.lit = pattern[:cut], pre[cut:]
+        rest = pattern[cut:]
+        self.everything = rest == "**"
+        self.rx = re.compile(FileSystem.translate_pattern(rest))
+        parts = rest.split("/")
+        segs = []
+        for p in parts:
+            if "**" in p or "?" in p or "[" in p:
+                break
+            segs.append(re.compile(FileSystem.translate_pattern(p)))
+        self.segs = segs
+        #: a match has exactly this many segments (None: any number)
+        self.depth = len(parts) if len(segs) == len(parts) else None
+
+    def may_hold(self, rel_dir: str) -> bool:
+        """Whether objects under the folder ``base + rel_dir`` (``rel_dir`` ends with ``/``)
+        can match."""
+        if not (rel_dir.startswith(self.lit) or self.lit.startswith(rel_dir)):
+            return False
+        comps = rel_dir[:-1].split("/")
+        if self.depth is not None and len(comps) >= self.depth:
+            return False
+        for c, seg in zip(comps, self.segs):
+            if not seg.fullmatch(c):
+                return False
+        return True
+
+
 def iter_objects(pattern: str, on_retry=None) -> Iterator[ObjectInfo]:
-    """Objects matching a Beam file pattern, streamed page by page (never collected)."""
+    """Objects matching a Beam file pattern, streamed page by page (never collected), listed
+    in this process (no split: see :func:`plan_listing`)."""
     s = scheme(pattern)
     if s == "file":
         yield from _iter_local(pattern)
@@ -411,14 +468,103 @@ def iter_objects(pattern: str, on_retry=None) -> Iterator[ObjectInfo]:
             if info is not None:
                 yield info
             return
-        prefix = pattern[:_GLOB.search(pattern).start()]
-        rx = pattern_regex(pattern)
-        lister = _iter_gcs_prefix if s == "gs" else _iter_s3_prefix
-        for info in lister(prefix, on_retry):
-            if rx.fullmatch(info.uri):
-                yield info
+        yield from iter_task(pattern, pattern[:_GLOB.search(pattern).start()], on_retry)
         return
     yield from _iter_beam(pattern)
+
+
+def plan_listing(pattern: str, on_retry=None, target: Optional[int] = None,
+                 max_depth: int = SPLIT_DEPTH) -> Iterator:
+    """Split the listing of one pattern into tasks that can run on different workers.
+
+    Yields :class:`ObjectInfo` for objects found while splitting (those directly in the
+    folders it opened) and ``str`` *tasks*: a folder (local) or a key prefix ending in ``/``
+    (gs/s3), each listed in full by :func:`iter_task`. Folders are opened breadth first (a
+    delimiter ``/`` listing on buckets, one ``scandir`` locally), at most ``max_depth``
+    levels, until there are ``target`` tasks; further sub-folders become tasks as they are
+    found, so at most ``target`` are held. Every object the pattern matches is yielded
+    exactly once, either here or by exactly one task's :func:`iter_task` (same set as
+    :func:`iter_objects`). Patterns without wildcards and other schemes are not split."""
+    target = SPLIT_TARGET if target is None else target
+    s = scheme(pattern)
+    if s not in ("file", "gs", "s3") or not has_glob(canonical_uri(pattern) if s == "file" else pattern):
+        yield from iter_objects(pattern, on_retry)
+        return
+    if s == "file":
+        pat = _Pattern(canonical_uri(pattern))
+        if not os.path.isdir(pat.base):
+            return
+        start = pat.base
+    else:
+        pat = _Pattern(pattern)
+        start = pat.base + pat.lit  # a key prefix: opened with a delimiter listing below
+    if target <= 1 or max_depth <= 0:
+        yield start
+        return
+    from collections import deque
+    queue, tasks = deque([(start, 0)]), 0
+    while queue:
+        top, level = queue.popleft()
+        if level >= max_depth or tasks + len(queue) + 1 > target:
+            tasks += 1
+            yield top
+            continue
+        for item in _iter_one_level(pat, top, on_retry):
+            if isinstance(item, ObjectInfo):
+                yield item
+            elif tasks + len(queue) < target:
+                queue.append((item, level + 1))
+            else:
+                tasks += 1
+                yield item
+
+
+def iter_task(pattern: str, task: str, on_retry=None) -> Iterator[ObjectInfo]:
+    """Objects of a :func:`plan_listing` task (a folder or key prefix) matching ``pattern``."""
+    s = scheme(pattern)
+    if s == "file":
+        pat = _Pattern(canonical_uri(pattern))
+        yield from _walk_local(pat, task)
+        return
+    pat = _Pattern(pattern)
+    rx, n = pat.rx, len(pat.base)
+    lister = _iter_gcs_prefix if s == "gs" else _iter_s3_prefix
+    for info in lister(task, on_retry):
+        if pat.everything or rx.match(info.uri, n):
+            yield info
+
+
+def _iter_one_level(pat: _Pattern, top: str, on_retry=None) -> Iterator:
+    """One level under ``top``: matching objects (ObjectInfo) and sub-folders / common
+    prefixes (str) that may hold matches."""
+    n = len(pat.base)
+    if is_local(top):
+        try:
+            with os.scandir(top) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            return
+        for e in entries:
+            path = e.path
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    if pat.may_hold(path[n:] + "/"):
+                        yield path
+                    continue
+                if not (pat.everything or pat.rx.match(path, n)):
+                    continue
+                st = e.stat()
+            except OSError:
+                continue  # vanished while listing
+            yield ObjectInfo(path, st.st_size, f"mtime:{st.st_mtime_ns}", st.st_mtime)
+        return
+    lister = _iter_gcs_prefix if scheme(top) == "gs" else _iter_s3_prefix
+    for item in lister(top, on_retry, delimiter="/"):
+        if isinstance(item, str):
+            if pat.may_hold(item[n:]):
+                yield item
+        elif pat.everything or pat.rx.match(item.uri, n):
+            yield item
 
 
 def _ts(value) -> Optional[float]:
@@ -488,65 +634,88 @@ def _iter_local(pattern: str) -> Iterator[ObjectInfo]:
             return
         yield ObjectInfo(path, st.st_size, f"mtime:{st.st_mtime_ns}", st.st_mtime)
         return
-    prefix = path[:_GLOB.search(path).start()]
-    rx = pattern_regex(path)
-    root = prefix if prefix.endswith("/") else os.path.dirname(prefix)
-    if not os.path.isdir(root):
-        return
-    stack = [root]
-    while stack:  # depth-first, sorted, streaming: one directory's entries in memory at a time
+    pat = _Pattern(path)
+    if os.path.isdir(pat.base):
+        yield from _walk_local(pat, pat.base)
+
+
+def _walk_local(pat: _Pattern, top: str) -> Iterator[ObjectInfo]:
+    """Files under the folder ``top`` matching ``pat``: depth first, sorted, streaming (one
+    folder's entries in memory at a time); ``scandir`` gives the type, so the one ``stat`` per
+    matching file is for size and mtime. Symbolic links to folders are not followed."""
+    n, rx, everything, may_hold = len(pat.base), pat.rx, pat.everything, pat.may_hold
+    stack = [top]
+    while stack:
         d = stack.pop()
         try:
-            entries = sorted(os.scandir(d), key=lambda e: e.name, reverse=True)
+            with os.scandir(d) as it:
+                entries = sorted(it, key=_entry_name)
         except OSError:
             continue
+        subdirs = []
         for e in entries:
-            full = os.path.join(d, e.name)
+            path = e.path
             try:
                 if e.is_dir(follow_symlinks=False):
-                    if full.startswith(prefix) or prefix.startswith(full + "/"):
-                        stack.append(full)
+                    if may_hold(path[n:] + "/"):
+                        subdirs.append(path)
                     continue
-                if not full.startswith(prefix) or not rx.fullmatch(full):
+                if not (everything or rx.match(path, n)):
                     continue
                 st = e.stat()
             except OSError:
                 continue  # vanished while listing
-            yield ObjectInfo(full, st.st_size, f"mtime:{st.st_mtime_ns}", st.st_mtime)
+            yield ObjectInfo(path, st.st_size, f"mtime:{st.st_mtime_ns}", st.st_mtime)
+        stack.extend(reversed(subdirs))
 
 
-def _iter_gcs_prefix(prefix: str, on_retry=None) -> Iterator[ObjectInfo]:
+def _entry_name(e) -> str:
+    return e.name
+
+
+def _iter_gcs_prefix(prefix: str, on_retry=None, delimiter: Optional[str] = None) -> Iterator:
+    """Objects under a ``gs://`` key prefix as ObjectInfo, page by page; with ``delimiter``
+    also the common prefixes one level down, as ``gs://`` URI strings."""
     bucket, key_prefix = split_bucket(prefix)
     client = _gcs()
     token = None
     while True:
         def page(token=token):
             it = client.list_blobs(client.bucket(bucket), prefix=key_prefix, page_token=token,
-                                   page_size=LIST_PAGE, retry=None)
+                                   page_size=LIST_PAGE, delimiter=delimiter, retry=None)
             p = next(it.pages)
-            return list(p), it.next_page_token
-        blobs, token = with_retries(page, on_retry=on_retry)
+            return list(p), tuple(getattr(p, "prefixes", ()) or ()), it.next_page_token
+        blobs, prefixes, token = with_retries(page, on_retry=on_retry)
         for b in blobs:
             yield ObjectInfo(f"gs://{bucket}/{b.name}", int(b.size or 0), f"gen:{b.generation}", _ts(b.updated))
+        for p in prefixes:
+            yield f"gs://{bucket}/{p}"
         if not token:
             return
 
 
-def _iter_s3_prefix(prefix: str, on_retry=None) -> Iterator[ObjectInfo]:
+def _iter_s3_prefix(prefix: str, on_retry=None, delimiter: Optional[str] = None) -> Iterator:
+    """Objects under an ``s3://`` key prefix as ObjectInfo, page by page; with ``delimiter``
+    also the common prefixes one level down, as ``s3://`` URI strings."""
     bucket, key_prefix = split_bucket(prefix)
     client = _s3()
     token = None
     while True:
         def page(token=token):
             kw = {"Bucket": bucket, "Prefix": key_prefix, "MaxKeys": LIST_PAGE}
+            if delimiter:
+                kw["Delimiter"] = delimiter
             if token:
                 kw["ContinuationToken"] = token
             r = client.list_objects_v2(**kw)
-            return r.get("Contents") or [], r.get("NextContinuationToken") if r.get("IsTruncated") else None
-        items, token = with_retries(page, on_retry=on_retry)
+            return (r.get("Contents") or [], [c["Prefix"] for c in r.get("CommonPrefixes") or []],
+                    r.get("NextContinuationToken") if r.get("IsTruncated") else None)
+        items, prefixes, token = with_retries(page, on_retry=on_retry)
         for it in items:
             yield ObjectInfo(f"s3://{bucket}/{it['Key']}", int(it.get("Size") or 0),
                              f"etag:{(it.get('ETag') or '').strip(chr(34))}", _ts(it.get("LastModified")))
+        for p in prefixes:
+            yield f"s3://{bucket}/{p}"
         if not token:
             return
 

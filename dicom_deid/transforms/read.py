@@ -37,31 +37,68 @@ class FileRef(NamedTuple):
 class MatchInputs(beam.PTransform):
     """File patterns (local, gs://, s3://; recursive globs) -> FileRef, then Reshuffle.
 
-    Listing streams page by page (``storage.iter_objects``): names are emitted as pages
-    arrive, never collected into one list."""
+    Listing is split across workers: each pattern is first *planned* (``storage.plan_listing``:
+    up to a few folder levels are opened with one ``scandir`` / delimiter ``/`` listing each,
+    giving the objects directly in them and sub-folders or key prefixes as listing tasks);
+    the tasks are fanned out (Reshuffle) and listed in parallel (``storage.iter_task``),
+    each streamed page by page; then every FileRef is fanned out again. Each object is
+    listed exactly once, by the planner or by one task; names are never collected."""
 
     def __init__(self, patterns):
         super().__init__()
         self._patterns = list(patterns)
 
     def expand(self, pbegin):
-        return (
+        planned = (
             pbegin
             | "Patterns" >> beam.Create(self._patterns)
-            | "Match" >> beam.ParDo(_ListFn())
+            | "PlanListing" >> beam.ParDo(_PlanListingFn()).with_outputs(_TASKS, main=MAIN)
+        )
+        listed = (
+            planned[_TASKS]
+            | "FanOutListing" >> beam.Reshuffle()
+            | "List" >> beam.ParDo(_ListFn())
+        )
+        return (
+            (planned[MAIN], listed)
+            | "Listed" >> beam.Flatten()
             | "FanOut" >> beam.Reshuffle()
         )
 
 
+_TASKS = "listing_tasks"
+
+
+class _PlanListingFn(beam.DoFn):
+    """Pattern -> FileRef for objects found while splitting, and (pattern, task) listing
+    tasks (tagged ``listing_tasks``) for the rest."""
+
+    def setup(self):
+        self._listed = counter("read", "objects_listed")
+        self._tasks = counter("read", "listing_tasks")
+        self._retries = counter("storage", "retries")
+
+    def process(self, pattern: str):
+        for item in storage.plan_listing(pattern, on_retry=self._retries.inc):
+            if isinstance(item, str):
+                self._tasks.inc()
+                yield beam.pvalue.TaggedOutput(_TASKS, (pattern, item))
+            else:
+                self._listed.inc()
+                yield FileRef(item.uri, item.size, item.version)
+
+
 class _ListFn(beam.DoFn):
-    """Pattern -> FileRef per matching object, streamed (no list of all names)."""
+    """(pattern, task) -> FileRef per matching object under the task's folder or prefix,
+    streamed (no list of all names)."""
 
     def setup(self):
         self._listed = counter("read", "objects_listed")
         self._retries = counter("storage", "retries")
 
-    def process(self, pattern: str):
-        for info in storage.iter_objects(pattern, on_retry=self._retries.inc):
+    def process(self, task):
+        pattern, where = task
+        for info in storage.iter_task(pattern, where, on_retry=self._retries.inc):
             self._listed.inc()
             yield FileRef(info.uri, info.size, info.version)
 
