@@ -174,16 +174,18 @@ def _write_spliced(ds: Dataset, write) -> "dict | None":
                 plan.append((raw, raw.length, False))
         if not plan:
             return None
+        # placed in the element store directly, as read: ``ds[tag] = ...`` would convert a
+        # private element (and restoring the deferred original that way would empty it)
+        store = ds._dict
         originals = {}
         try:
             for raw, _n, undefined in plan:
-                originals[raw.tag] = raw
-                ds[raw.tag] = raw._replace(length=_UNDEFINED if undefined else 0,
-                                           value=item if undefined else b"")
+                originals[raw.tag] = store[raw.tag]
+                store[raw.tag] = raw._replace(length=_UNDEFINED if undefined else 0,
+                                              value=item if undefined else b"")
             shell = serialize(ds)
         finally:
-            for tag, raw in originals.items():
-                ds[tag] = raw
+            store.update(originals)
         positions = _placeholder_positions(shell, [raw.tag for raw, _n, _u in plan])
         if positions is None:
             return None

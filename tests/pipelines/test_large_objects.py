@@ -188,6 +188,21 @@ def test_serialize_to_file_equals_serialize_and_removes_its_file_on_failure(tmp_
             assert 0x7FE00010 in out.copied and writer.has_deferred(ds)  # nothing was loaded
         finally:
             out.remove()
+    # a large private value (and a small one after it) is copied like pixel data
+    ds = pydicom.dcmread(src)
+    block = ds.private_block(0x0099, "DEID TEST", create=True)
+    block.add_new(0x10, "OB", bytes(range(256)) * 1200)
+    block.add_new(0x11, "LO", "after")
+    src = tmp_path / "private.dcm"
+    ds.save_as(src, enforce_file_format=True)
+    whole = writer.serialize(pydicom.dcmread(src))
+    ds = pydicom.dcmread(src, defer_size=reader.DEFER_SIZE)
+    out = writer.serialize_to_file(ds, str(tmp_path))
+    try:
+        assert Path(out.path).read_bytes() == whole and set(out.copied) == {0x7FE00010, 0x00991010}
+        assert ds.get_item(0x00991010, keep_deferred=True).value is None  # still deferred, not emptied
+    finally:
+        out.remove()
     monkeypatch.setattr(writer, "_copy", lambda *a: (_ for _ in ()).throw(writer.SourceChanged()))
     before = set(tmp_path.iterdir())
     with pytest.raises(writer.SourceChanged):
