@@ -12,6 +12,8 @@ from typing import Optional
 
 from pydicom.dataset import Dataset
 
+from .dsutil import value_of
+
 PIXEL_STAGE_MISSING = "pixel_stage_missing"
 DOCUMENT_STAGE_MISSING = "document_stage_missing"
 
@@ -27,26 +29,36 @@ PIXEL_RISK_MODALITIES = {"US", "OT", "SC", "XC", "ES", "GM", "DOC", "SM", "IVUS"
 SCREEN_TYPES = {"SCREEN SAVE", "SCREENSHOT", "SECONDARY CAPTURE"}
 
 
-def _str(ds: Dataset, kw: str) -> str:
-    v = ds.get(kw, "")
+# tags of the attributes read here (by tag: a keyword look-up costs more than the check)
+_ENCAPSULATED_DOCUMENT = 0x00420011
+_PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # Pixel Data, Float, Double Float
+_BURNED_IN_ANNOTATION = 0x00280301
+_RECOGNIZABLE_VISUAL_FEATURES = 0x00280302
+_MODALITY = 0x00080060
+_IMAGE_TYPE = 0x00080008
+
+
+def _str(ds: Dataset, tag: int) -> str:
+    v = value_of(ds, tag, "")
     return str(v or "").strip().upper()
 
 
 def needs_stage(ds: Dataset, sop_class: Optional[str]) -> Optional[str]:
     """Return the quarantine reason when the object needs a stage we do not have."""
     sop = sop_class or ""
-    if sop.startswith(ENCAPSULATED_DOC_PREFIX) or sop.startswith(SR_PREFIX) or "EncapsulatedDocument" in ds:
+    d = ds._dict
+    if sop.startswith(ENCAPSULATED_DOC_PREFIX) or sop.startswith(SR_PREFIX) or _ENCAPSULATED_DOCUMENT in d:
         return DOCUMENT_STAGE_MISSING
-    has_pixels = any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+    has_pixels = any(t in d for t in _PIXEL_DATA_TAGS)
     if not has_pixels:
         return None
-    if _str(ds, "BurnedInAnnotation") == "YES" or _str(ds, "RecognizableVisualFeatures") == "YES":
+    if _str(ds, _BURNED_IN_ANNOTATION) == "YES" or _str(ds, _RECOGNIZABLE_VISUAL_FEATURES) == "YES":
         return PIXEL_STAGE_MISSING
     if sop.startswith(SECONDARY_CAPTURE_PREFIX) or sop in ULTRASOUND or sop.startswith(VISIBLE_LIGHT_PREFIX):
         return PIXEL_STAGE_MISSING
-    if _str(ds, "Modality") in PIXEL_RISK_MODALITIES:
+    if _str(ds, _MODALITY) in PIXEL_RISK_MODALITIES:
         return PIXEL_STAGE_MISSING
-    image_type = ds.get("ImageType", None)
+    image_type = value_of(ds, _IMAGE_TYPE, None)
     values = [str(v).upper() for v in (image_type or [])] if not isinstance(image_type, str) else [image_type.upper()]
     if any(v in SCREEN_TYPES for v in values):
         return PIXEL_STAGE_MISSING

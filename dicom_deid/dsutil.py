@@ -95,15 +95,18 @@ def walk(ds: Dataset, path: tuple = (), depth: int = 0) -> Iterator[tuple[tuple,
     conversion can tell (yielded converted). ``element`` may be a RawDataElement."""
     if depth > MAX_DEPTH:
         raise ValueError("sequence nesting too deep")
-    for tag, elem in list(ds.items()):
+    for tag, elem in list(ds._dict.items()):
         t = int(tag)
-        vr = vr_of(t, elem)
+        vr = elem.VR
+        if vr not in PLAIN_VRS:  # the common case (explicit, known, not UN) needs no lookup
+            vr = vr_of(t, elem)
         if vr is None:
             if is_bulk_element(t, elem, "UN"):
                 continue
             elem = ds[tag]
             vr = elem.VR
-        elif is_bulk_element(t, elem, vr):
+        elif (vr in _BULK_CHECK_VRS or t in BULK_TAGS or t & 0xFF01FFFF == 0x60003000) \
+                and is_bulk_element(t, elem, vr):  # (is_bulk_element is False for all others)
             continue
         if vr == "SQ":
             if isinstance(elem, RawDataElement):
@@ -113,3 +116,92 @@ def walk(ds: Dataset, path: tuple = (), depth: int = 0) -> Iterator[tuple[tuple,
                 yield from walk(item, path + (t,), depth + 1)
         else:
             yield path, t, vr, elem, ds
+
+
+# --- cheaper access to single elements ----------------------------------------------------
+#: VRs that are their own answer in :func:`vr_of` (explicit, known, not UN)
+PLAIN_VRS = frozenset(KNOWN_VRS - {"UN"})
+_BULK_CHECK_VRS = frozenset(BINARY_VRS | {"UN"})
+#: text VRs whose conversion never changes the VR (no length checks, never ambiguous, never
+#: a sequence): :func:`element` converts them without pydicom's item access around it
+_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST",
+                       "TM", "UC", "UI", "UR", "UT"})
+
+
+def _plain_text(raw) -> "str | None":
+    """The VR of a raw element that :func:`element` may convert itself, else None: an
+    in-memory, non-private, defined-length text element (not Specific Character Set)."""
+    t = int(raw.tag)
+    if t >> 16 & 1 or t == 0x00080005 or raw.value is None or raw.length == 0xFFFFFFFF:
+        return None
+    vr = raw.VR
+    if vr is None:  # implicit VR: the dictionary's (what the conversion looks up)
+        vr = _DICT_VR.get(t, _MISSING)
+        if vr is _MISSING:
+            vr = _DICT_VR[t] = _dictionary_vr(t)
+    return vr if vr in _TEXT_VRS else None
+
+
+def _default_conversion() -> bool:
+    """pydicom's own raw-element hooks and no data element callback (nothing customised)."""
+    return (_hooks.raw_element_vr is _DEFAULT_VR_HOOK and _hooks.raw_element_value is _DEFAULT_VALUE_HOOK
+            and not _hooks.raw_element_kwargs and _config.data_element_callback is None)
+
+
+def element(ds: Dataset, tag: int, raw=None):
+    """``ds[tag]`` (the element, converted and stored in ``ds``), the same object state for
+    the same input, with a shorter path for the common case: an in-memory, non-private text
+    element read from the file. Everything else goes through ``ds[tag]``. ``raw`` is the
+    element as stored (saves the look-up when the caller has it). KeyError when absent."""
+    d = ds._dict
+    if raw is None:
+        raw = d[tag]
+    if not isinstance(raw, RawDataElement):  # converted already (or created)
+        return raw
+    vr = _plain_text(raw)
+    if vr is None:
+        return ds[raw.tag]
+    # What Dataset.__getitem__ does for such an element: convert with the dataset's character
+    # set (pydicom.dataelem.convert_raw_data_element: the VR stays, the value is
+    # convert_value's) and store the result; no deferred read, private creator, pixel,
+    # sequence or ambiguous-VR step applies to it.
+    encoding = ds.original_character_set or ds._character_set
+    if _default_conversion():
+        elem = DataElement(raw.tag, vr, _convert_value(vr, raw, encoding), raw.value_tell, False, True)
+    else:
+        elem = _convert(raw, encoding=encoding, ds=ds)
+    d[raw.tag] = elem
+    return elem
+
+
+def replace_value(ds: Dataset, tag: int, value) -> bool:
+    """``ds[tag].value = value`` without converting the old value, where that gives the same
+    element (a text element :func:`element` would convert itself: the VR is known without
+    conversion and setting a value replaces the converted one whole). Returns False, doing
+    nothing, for any other element."""
+    raw = ds._dict[tag]
+    if not isinstance(raw, RawDataElement):
+        return False
+    vr = _plain_text(raw)
+    if vr is None or not _default_conversion():
+        return False
+    ds._dict[raw.tag] = DataElement(raw.tag, vr, value, raw.value_tell, False)
+    return True
+
+
+def value_of(ds: Dataset, tag: int, default=None):
+    """``ds.get(keyword, default)`` by tag: the converted value, or ``default`` when absent."""
+    raw = ds._dict.get(tag)
+    if raw is None:
+        return default
+    return element(ds, tag, raw).value
+
+
+from pydicom import config as _config  # noqa: E402
+from pydicom import hooks as _hooks_module  # noqa: E402
+from pydicom.dataelem import DataElement  # noqa: E402
+from pydicom.dataelem import convert_raw_data_element as _convert  # noqa: E402
+from pydicom.values import convert_value as _convert_value  # noqa: E402
+
+_hooks = _hooks_module.hooks
+_DEFAULT_VR_HOOK, _DEFAULT_VALUE_HOOK = _hooks_module.raw_element_vr, _hooks_module.raw_element_value

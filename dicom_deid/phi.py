@@ -6,10 +6,11 @@ documents, verification) look for these values after the header is clean.
 
 from __future__ import annotations
 
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from .dsutil import walk as iter_raw
+from .dsutil import MAX_DEPTH, PLAIN_VRS, element, is_bulk_element, vr_of
 from .element import PhiContext
 
 # Identifying attributes whose values are collected, by kind. PN values are collected
@@ -74,35 +75,54 @@ def extract(ds: Dataset) -> PhiContext:
     dates: list[str] = []
     texts: list[str] = []
     orgs: list[str] = []
-
-    def walk(d: Dataset):
-        # values converted only for the elements collected (see dsutil.walk)
-        for _path, tag, vr, elem, parent in iter_raw(d):
-            if vr == "SQ":
-                continue
-            if vr == "PN":
-                kind = names
-            elif tag in id_tags:
-                kind = ids
-            elif tag in date_tags:
-                kind = dates
-            elif tag in text_tags:
-                kind = texts
-            elif tag in org_tags:
-                kind = orgs
-            else:
-                continue
-            try:
-                value = parent[tag].value
-            except Exception:
-                continue
-            if kind is names:
-                for v in _values(value):
-                    names.extend(_name_components(v))
-            else:
-                kind.extend(_values(value))
-
-    walk(ds)
-    # OtherPatientIDsSequence items carry PatientID and are reached by iterall
+    kinds = {}
+    for tags_, kind in ((org_tags, orgs), (text_tags, texts), (date_tags, dates), (id_tags, ids)):
+        kinds.update(dict.fromkeys(tags_, kind))  # later sets win: ids, dates, texts, orgs
+    _collect(ds, 0, kinds, names)
+    # OtherPatientIDsSequence items carry PatientID and are reached by the walk
     dedup = lambda xs: tuple(dict.fromkeys(xs))  # noqa: E731
     return PhiContext(names=dedup(names), ids=dedup(ids), dates=dedup(dates), texts=dedup(texts), orgs=dedup(orgs))
+
+
+def _collect(ds: Dataset, depth: int, kinds: dict, names: list) -> None:
+    """The raw walk (:func:`dicom_deid.dsutil.walk`, same elements, same conversions, same
+    order, same errors) fused with the collection: values are converted only for the
+    elements collected; every other element is passed over as read."""
+    if depth > MAX_DEPTH:
+        raise ValueError("sequence nesting too deep")
+    for tag, elem in list(ds._dict.items()):
+        t = int(tag)
+        vr = elem.VR
+        if vr not in PLAIN_VRS:
+            vr = vr_of(t, elem)
+        if vr is None:
+            if is_bulk_element(t, elem, "UN"):
+                continue
+            elem = ds[tag]
+            vr = elem.VR
+        elif vr == "PN" or vr == "SQ" or t in kinds:
+            if is_bulk_element(t, elem, vr):
+                continue
+        else:  # not collected, not a sequence: nothing to do (and nothing converted)
+            continue
+        if vr == "SQ":
+            if isinstance(elem, RawDataElement):
+                elem = ds[tag]
+            for item in elem.value or ():
+                _collect(item, depth + 1, kinds, names)
+            continue
+        if vr == "PN":
+            kind = names
+        else:
+            kind = kinds.get(t)
+            if kind is None:
+                continue
+        try:
+            value = element(ds, tag).value
+        except Exception:
+            continue
+        if kind is names:
+            for v in _values(value):
+                names.extend(_name_components(v))
+        else:
+            kind.extend(_values(value))

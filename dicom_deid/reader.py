@@ -13,9 +13,11 @@ import struct
 from typing import Optional
 
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 
 from . import phi
+from .dsutil import BULK_TAGS, value_of
 from .element import DicomObject, InputRef
 from .errors import CorruptElement, EmptyInput, NotDicom, TruncatedInput, UnsupportedObject
 from .keys import Deriver
@@ -87,19 +89,19 @@ def parse(ref: InputRef, deriver: Deriver, data: Optional[bytes] = None,
             context = phi.extract(ds)
         except NotImplementedError:
             raise UnsupportedObject() from None
-        sop_class = str(ds.get("SOPClassUID", "") or "")
+        sop_class = str(value_of(ds, 0x00080016, "") or "")  # SOPClassUID
         meta = getattr(ds, "file_meta", None)
         if not sop_class and meta is not None:
-            sop_class = str(meta.get("MediaStorageSOPClassUID", "") or "")
+            sop_class = str(value_of(meta, 0x00020002, "") or "")  # MediaStorageSOPClassUID
     obj = DicomObject(ref, ds, context, sha, deriver.content_fingerprint(sha), temp_path=temp_path)
-    ts = str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
+    ts = str(value_of(meta, 0x00020010, "") or "") if meta is not None else ""  # TransferSyntaxUID
     obj.facts.update(
         sop_class_uid=sop_class or None,
-        modality=str(ds.get("Modality", "") or "") or None,
+        modality=str(value_of(ds, 0x00080060, "") or "") or None,  # Modality
         transfer_syntax_in=ts or None,
         input_size=size,
     )
-    if sop_class == DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
+    if sop_class == DICOMDIR_SOP_CLASS or 0x00041220 in ds._dict:  # DirectoryRecordSequence
         obj.facts["reason"] = "dicomdir"
     return obj
 
@@ -107,17 +109,18 @@ def parse(ref: InputRef, deriver: Deriver, data: Optional[bytes] = None,
 def _check_lengths(ds, size: int) -> None:
     """pydicom reads short values without complaint; a value shorter than its declared
     length means the data ended early: truncated (bulk data at the end) or corrupt."""
-    from pydicom.dataelem import RawDataElement
-
-    from .dsutil import BULK_TAGS
-    for tag, raw in ds.items():  # elements as read: nothing converted or loaded
-        if not isinstance(raw, RawDataElement) or raw.length in (None, 0xFFFFFFFF):
+    for tag, raw in ds._dict.items():  # elements as read: nothing converted or loaded
+        if not isinstance(raw, RawDataElement):
             continue
-        if isinstance(raw.value, (bytes, bytearray)):
-            short = len(raw.value) < raw.length
-        else:  # deferred: compare with the file size
-            short = raw.value_tell is not None and raw.value_tell + raw.length > size
-        if short:
-            if int(tag) in BULK_TAGS:
-                raise TruncatedInput()
-            raise CorruptElement()
+        length = raw.length
+        if length is None or length == 0xFFFFFFFF:
+            continue
+        value = raw.value
+        if isinstance(value, (bytes, bytearray)):
+            if len(value) >= length:
+                continue
+        elif raw.value_tell is None or raw.value_tell + length <= size:  # deferred: the file size
+            continue
+        if int(tag) in BULK_TAGS:
+            raise TruncatedInput()
+        raise CorruptElement()

@@ -25,13 +25,14 @@ import dataclasses
 import datetime as _dt
 from typing import Optional
 
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 
 from . import __version__, standard
-from .dsutil import BULK_TAGS, vr_of
+from .dsutil import BULK_TAGS, PLAIN_VRS, element, replace_value, value_of, vr_of
 from .element import DicomObject
 from .keys import Deriver, REGISTRY_UID_ROOT
 from .policy import BASIC_CODE, OPTION_CODES, Policy
@@ -59,6 +60,8 @@ _DUMMY = {
     "PN": "ANONYMIZED", "SH": "ANONYMIZED", "ST": "ANONYMIZED", "TM": "000000",
     "UC": "ANONYMIZED", "UR": "ANONYMIZED", "UT": "ANONYMIZED",
 }
+#: VRs _dummy shifts (when dates are shifted) instead of replacing
+_DATES = frozenset({"DA", "DT"})
 _NUMERIC_ZERO = {"US": 0, "SS": 0, "UL": 0, "SL": 0, "UV": 0, "SV": 0, "FL": 0.0, "FD": 0.0}
 _TYPE_RANK = {"1": 0, "1C": 1, "2": 2, "2C": 3, "3": 4}
 
@@ -103,6 +106,18 @@ class Rules:
             else:
                 self.overrides_private.setdefault(o.private, []).append(o)
         self._iod_cache: dict[str, dict] = {}
+        self._resolved: dict[str, dict] = {}
+
+    def resolved(self, sop_class_uid: str) -> dict:
+        """Memo of :func:`_resolve` for one SOP class: (code, path, tag) -> action. The
+        resolution depends only on the code, the path and the IOD; bounded (cleared when
+        large, e.g. objects with unusual nesting)."""
+        memo = self._resolved.get(sop_class_uid)
+        if memo is None or len(memo) > 20_000:
+            if len(self._resolved) > 200:
+                self._resolved.clear()
+            memo = self._resolved[sop_class_uid] = {}
+        return memo
 
     def iod_types(self, sop_class_uid: str) -> dict:
         types = self._iod_cache.get(sop_class_uid)
@@ -152,23 +167,24 @@ def deidentify(obj: DicomObject, rules: Rules, entry: Optional[dict] = None,
     pkey = obj.patient_key or patient_key_of(ds, d)
     obj.patient_key = pkey
     mapping = mapping_for(pkey, d, entry)
-    sop_class = str(ds.get("SOPClassUID", "") or "")
+    sop_class = str(value_of(ds, SOP_CLASS_UID, "") or "")
     ctx = _Ctx(rules, d, mapping, rules.iod_types(sop_class), Counts(), phi=obj.phi, log=log,
-               show_values=show_values)
+               show_values=show_values, resolved=rules.resolved(sop_class))
 
-    original_pid = str(ds.get("PatientID", "") or "")
-    orig = {k: str(ds.get(k, "") or "") for k in
-            ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")}
+    original_pid = str(value_of(ds, PATIENT_ID, "") or "")
+    orig = {k: str(value_of(ds, t, "") or "") for k, t in
+            (("StudyInstanceUID", STUDY_UID), ("SeriesInstanceUID", SERIES_UID),
+             ("SOPInstanceUID", SOP_INSTANCE_UID), ("FrameOfReferenceUID", FRAME_OF_REFERENCE_UID))}
 
     _walk(ds, (), ctx)
 
     # Patient identity: pseudonym in ID and name whatever the profile code (Z permits it
     # only as an empty value; the pseudonym is a research-grade replacement, so record it
     # as replaced).
-    ds.PatientID = mapping.pseudonym
-    ds.PatientName = mapping.pseudonym
-    if "IssuerOfPatientID" in ds:
-        del ds.IssuerOfPatientID
+    _set(ds, PATIENT_ID, "PatientID", mapping.pseudonym)
+    _set(ds, PATIENT_NAME, "PatientName", mapping.pseudonym)
+    if ISSUER_OF_PATIENT_ID in ds._dict:
+        del ds[ISSUER_OF_PATIENT_ID]
 
     _file_meta(ds, ctx)
     _markers(ds, rules, ctx)
@@ -176,9 +192,9 @@ def deidentify(obj: DicomObject, rules: Rules, entry: Optional[dict] = None,
     c = ctx.counts
     obj.facts.update(
         pseudo_patient_id=mapping.pseudonym,
-        study_uid=str(ds.get("StudyInstanceUID", "") or "") or None,
-        series_uid=str(ds.get("SeriesInstanceUID", "") or "") or None,
-        sop_uid=str(ds.get("SOPInstanceUID", "") or "") or None,
+        study_uid=str(value_of(ds, STUDY_UID, "") or "") or None,
+        series_uid=str(value_of(ds, SERIES_UID, "") or "") or None,
+        sop_uid=str(value_of(ds, SOP_INSTANCE_UID, "") or "") or None,
         attrs_removed=c.removed, attrs_emptied=c.emptied, attrs_replaced=c.replaced,
         attrs_kept=c.kept, attrs_cleaned=c.cleaned,
         options_not_applied=list(rules.policy.unapplied_options),
@@ -189,7 +205,7 @@ def deidentify(obj: DicomObject, rules: Rules, entry: Optional[dict] = None,
         original_series_uid=orig["SeriesInstanceUID"] or None,
         original_sop_uid=orig["SOPInstanceUID"] or None,
         original_frame_of_reference_uid=orig["FrameOfReferenceUID"] or None,
-        frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "") or "") or None,
+        frame_of_reference_uid=str(value_of(ds, FRAME_OF_REFERENCE_UID, "") or "") or None,
         patient_key_hmac=pkey,
         original_patient_id=original_pid or None,
         pseudo_patient_id=mapping.pseudonym,
@@ -209,6 +225,8 @@ class _Ctx:
     log: Optional[list] = None
     show_values: bool = False
     _cleaner: object = None
+    #: memo of _resolve for this object's IOD (Rules.resolved)
+    resolved: dict = dataclasses.field(default_factory=dict)
 
     def cleaner(self):
         if self._cleaner is None:
@@ -234,7 +252,16 @@ _TEXT_VRS = {"SH": 16, "LO": 64, "ST": 1024, "LT": 10240, "UT": None, "UC": None
 
 def _walk(ds: Dataset, path: tuple, ctx: _Ctx, cleaning: bool = False) -> None:
     rules = ctx.rules
-    creators = _private_creators(ds) if any(int(t) >> 16 & 1 for t in ds.keys()) else {}
+    d = ds._dict
+    has_private = False
+    for t in d:
+        if t >> 16 & 1:
+            has_private = True
+            break
+    # creators are needed to keep (safe private) or override private elements; without
+    # either, every private element goes and none is converted (`inspect` shows them converted)
+    need_creators = rules.safe_private or rules.overrides_private or ctx.log is not None
+    creators = _private_creators(ds) if has_private and need_creators else {}
     keep_private = _kept_private_tags(ds, rules, creators) if (rules.safe_private and creators) else frozenset()
     if creators and rules.overrides_private:
         # a block with an element an override keeps needs its creator element too
@@ -246,13 +273,28 @@ def _walk(ds: Dataset, path: tuple, ctx: _Ctx, cleaning: bool = False) -> None:
                 if ov is not None and ov.action != "remove":
                     extra.add((t >> 16 << 16) | ((t & 0xFFFF) >> 8))
         keep_private = frozenset(keep_private | extra)
-    fast = ctx.log is None  # `inspect` notes every value: no shortcuts there
-    for tag, raw in list(ds.items()):
+    # no override and nothing kept here: every private element goes, unconverted
+    drop_private = not keep_private and not rules.overrides_private
+    log = ctx.log
+    fast = log is None  # `inspect` notes every value: no shortcuts there
+    top = path == ()
+    by_tag, overrides_std, allowlist = rules.by_tag, rules.overrides_std, rules.allowlist
+    resolved = ctx.resolved
+    removed = kept = 0
+    dropped_creator = False
+    for tag, raw in list(d.items()):
         t = int(tag)
-        if path == () and t in (PATIENT_ID, PATIENT_NAME) or t in _MARKERS and path == ():
+        if top and (t == PATIENT_ID or t == PATIENT_NAME or t in _MARKERS):
             continue
         group = t >> 16
         if group & 1:
+            if drop_private:
+                if log is not None:
+                    ctx.note(path, t, ds.get_item(tag, keep_deferred=True).VR, "X (private)", ds)
+                del d[tag]  # what `del ds[tag]` does for a private element, see below
+                dropped_creator = dropped_creator or 0x0010 <= t & 0xFFFF <= 0x00FF
+                removed += 1
+                continue
             ov = _private_override(t, creators, path, rules)
             if ov is not None:
                 _override(ds, ds[tag], ov, path, ctx)
@@ -265,7 +307,7 @@ def _walk(ds: Dataset, path: tuple, ctx: _Ctx, cleaning: bool = False) -> None:
                     _shift(elem, ctx.mapping.date_offset_days)
                     ctx.counts.cleaned += 1
                     continue
-                ctx.counts.kept += 1
+                kept += 1
                 ctx.note(path, t, elem.VR, "K (safe private)", ds)
                 if elem.VR == "SQ":
                     # safe private sequences keep their structure; identifiers inside are
@@ -273,66 +315,95 @@ def _walk(ds: Dataset, path: tuple, ctx: _Ctx, cleaning: bool = False) -> None:
                     for item in elem.value or ():
                         _walk(item, path + (t,), ctx, cleaning)
             else:
-                ctx.note(path, t, ds.get_item(tag, keep_deferred=True).VR, "X (private)", ds)
-                del ds[tag]
-                ctx.counts.removed += 1
+                if log is not None:
+                    ctx.note(path, t, ds.get_item(tag, keep_deferred=True).VR, "X (private)", ds)
+                del d[tag]
+                dropped_creator = dropped_creator or 0x0010 <= t & 0xFFFF <= 0x00FF
+                removed += 1
             continue
-        if 0x5000 <= group <= 0x501E or (0x6000 <= group <= 0x601E and not group & 1):
+        if 0x5000 <= group <= 0x501E or 0x6000 <= group <= 0x601E:  # (group is even here)
             # curve data; overlays (their data and comments are X in Table E.1-1: graphics
             # may carry burned-in text). The whole overlay group goes, so no overlay is left
             # with its description but without its data (invalid for the IOD).
-            ctx.note(path, t, ds.get_item(tag, keep_deferred=True).VR, "X (curve/overlay)")
+            if log is not None:
+                ctx.note(path, t, ds.get_item(tag, keep_deferred=True).VR, "X (curve/overlay)")
             del ds[tag]
-            ctx.counts.removed += 1
+            removed += 1
             continue
         if t == SPECIFIC_CHARSET or group == 0x0002:
             continue
-        ovs = rules.overrides_std.get(t)
-        if ovs:
-            ov = next((o for o in ovs if o.within is None or o.within == path), None)
-            if ov is not None:
-                _override(ds, ds[tag], ov, path, ctx)
-                continue
+        if overrides_std:
+            ovs = overrides_std.get(t)
+            if ovs:
+                ov = next((o for o in ovs if o.within is None or o.within == path), None)
+                if ov is not None:
+                    _override(ds, ds[tag], ov, path, ctx)
+                    continue
         # the VR without converting the value; values are converted only where an action
         # needs them (dsutil.walk), every other element is written back as its raw bytes
-        vr = vr_of(t, raw) if fast else None
-        codes = rules.by_tag.get(t)
+        if fast:
+            vr = raw.VR
+            if vr not in PLAIN_VRS:
+                vr = vr_of(t, raw)
+        else:
+            vr = None
+        codes = by_tag.get(t)
         if codes is None:
-            if (rules.allowlist is not None and t not in rules.allowlist and path == ()
+            if (allowlist is not None and t not in allowlist and top
                     and _TYPE_RANK.get(ctx.iod.get((t,)), 9) > 3):
                 # not on the allowlist and not required (type 1/2) by the object's IOD
-                ctx.note(path, t, ds.get_item(tag, keep_deferred=True).VR, "X (not on allowlist)", ds)
+                if log is not None:
+                    ctx.note(path, t, ds.get_item(tag, keep_deferred=True).VR, "X (not on allowlist)", ds)
                 del ds[tag]
-                ctx.counts.removed += 1
+                removed += 1
                 continue
             if vr is not None and vr not in _UNLISTED_NEEDS_VALUE and not (
                     cleaning and (vr in _TEXT_VRS or vr == "PN")):
-                ctx.counts.kept += 1  # what _unlisted does for such an element, unconverted
+                kept += 1  # what _unlisted does for such an element, unconverted
                 continue
             if fast and vr is None and t in BULK_TAGS:
                 # pixel/waveform data read with implicit VR ("OB or OW"): kept as read;
                 # converting would load a deferred value (a large object) into memory
-                ctx.counts.kept += 1
+                kept += 1
                 continue
-            _unlisted(ds, ds[tag], path, ctx, cleaning)
+            _unlisted(ds, element(ds, tag), path, ctx, cleaning)
             continue
         code, basic = codes
         if vr is None:
-            elem = ds[tag]
+            elem = element(ds, tag)
             vr = elem.VR
         else:
             elem = None
-        action = _resolve(code, path + (t,), ctx)
+        action = resolved.get((code, path, t))
+        if action is None:
+            action = resolved[(code, path, t)] = _resolve(code, path + (t,), ctx)
         if action == "C" and not _cleanable_vr(vr, ctx):
-            action = _resolve(basic, path + (t,), ctx)  # cannot clean this value: Basic applies
-        if fast and elem is None and (action == "X" or action == "K" and vr != "SQ"):
-            if action == "X":
-                del ds[tag]
-                ctx.counts.removed += 1
-            else:
-                ctx.counts.kept += 1
-            continue
-        _apply(ds, elem if elem is not None else ds[tag], action, path, ctx)
+            # cannot clean this value: Basic applies
+            action = resolved.get((basic, path, t))
+            if action is None:
+                action = resolved[(basic, path, t)] = _resolve(basic, path + (t,), ctx)
+        if fast and elem is None:
+            if action == "X" or action == "K" and vr != "SQ":
+                if action == "X":
+                    del ds[tag]
+                    removed += 1
+                else:
+                    kept += 1
+                continue
+            if action == "Z" or action == "D" and vr in _DUMMY and not (vr in _DATES and rules.shift_dates):
+                # emptied or a dummy: the old value is not needed (what _apply does, unconverted)
+                if replace_value(ds, tag, "" if action == "Z" else _DUMMY[vr]):
+                    if action == "Z":
+                        ctx.counts.emptied += 1
+                    else:
+                        ctx.counts.replaced += 1
+                    continue
+        _apply(ds, elem if elem is not None else element(ds, tag), action, path, ctx)
+    if dropped_creator and ds._private_blocks:
+        ds._private_blocks = {}  # as Dataset.__delitem__ does when a private creator goes
+    c = ctx.counts
+    c.removed += removed
+    c.kept += kept
 
 
 #: unlisted elements whose value _unlisted must see (remapped UIDs, shifted dates, items)
@@ -419,7 +490,8 @@ def _resolve(code: str, path: tuple, ctx: _Ctx) -> str:
 
 def _apply(ds: Dataset, elem: DataElement, action: str, path: tuple, ctx: _Ctx) -> None:
     c = ctx.counts
-    ctx.note(path, elem.tag, elem.VR, action, ds)
+    if ctx.log is not None:
+        ctx.note(path, elem.tag, elem.VR, action, ds)
     if action == "X":
         del ds[elem.tag]
         c.removed += 1
@@ -697,23 +769,53 @@ def _shift(elem: DataElement, days: int) -> None:
         elem.value = shift_date(str(v), days)
 
 
+def _set(ds: Dataset, tag: int, keyword: str, value) -> None:
+    """``setattr(ds, keyword, value)`` for a standard attribute, by tag: the same element
+    (new with the dictionary VR, or the existing one converted and given the value)."""
+    raw = ds._dict.get(tag)
+    if raw is None:
+        elem = DataElement(tag, _DICTIONARY_VR[keyword], value)
+        if tag >> 16 == 0x0002 or elem.VR == "SQ":
+            ds[tag] = elem  # file meta checks, sequence parents: pydicom's own path
+        else:
+            ds._dict[elem.tag] = elem
+        return
+    elem = element(ds, tag, raw)
+    if elem.VR == "SQ":
+        setattr(ds, keyword, value)
+    else:
+        elem.value = value
+
+
+#: file meta elements that can carry identifying or site values (removed)
+_META_DROP = tuple(Tag(kw) for kw in (
+    "SourceApplicationEntityTitle", "SendingApplicationEntityTitle",
+    "ReceivingApplicationEntityTitle", "PrivateInformationCreatorUID",
+    "PrivateInformation", "SourcePresentationAddress", "SendingPresentationAddress",
+    "ReceivingPresentationAddress", "RTVMetaInformationVersion",
+    "RTVCommunicationSOPClassUID", "RTVCommunicationSOPInstanceUID",
+    "RTVSourceIdentifier", "RTVFlowIdentifier", "RTVFlowRTPSamplingRate",
+    "RTVFlowActualFrameDuration"))
+_MEDIA_SOP_INSTANCE_UID, _MEDIA_SOP_CLASS_UID = 0x00020003, 0x00020002
+_DICTIONARY_VR = {kw: dictionary_VR(tag_for_keyword(kw)) for kw in (
+    "PatientID", "PatientName", "PatientIdentityRemoved", "DeidentificationMethod",
+    "LongitudinalTemporalInformationModified", "CodeValue", "CodingSchemeDesignator",
+    "CodeMeaning", "MediaStorageSOPInstanceUID", "MediaStorageSOPClassUID")}
+
+
 def _file_meta(ds: Dataset, ctx: _Ctx) -> None:
     meta = getattr(ds, "file_meta", None)
     if meta is None:
         return
-    if "SOPInstanceUID" in ds:
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    if "SOPClassUID" in ds:
-        meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    for kw in ("SourceApplicationEntityTitle", "SendingApplicationEntityTitle",
-               "ReceivingApplicationEntityTitle", "PrivateInformationCreatorUID",
-               "PrivateInformation", "SourcePresentationAddress", "SendingPresentationAddress",
-               "ReceivingPresentationAddress", "RTVMetaInformationVersion",
-               "RTVCommunicationSOPClassUID", "RTVCommunicationSOPInstanceUID",
-               "RTVSourceIdentifier", "RTVFlowIdentifier", "RTVFlowRTPSamplingRate",
-               "RTVFlowActualFrameDuration"):
-        if kw in meta:
-            delattr(meta, kw)
+    d = ds._dict
+    if SOP_INSTANCE_UID in d:
+        _set(meta, _MEDIA_SOP_INSTANCE_UID, "MediaStorageSOPInstanceUID", value_of(ds, SOP_INSTANCE_UID))
+    if SOP_CLASS_UID in d:
+        _set(meta, _MEDIA_SOP_CLASS_UID, "MediaStorageSOPClassUID", value_of(ds, SOP_CLASS_UID))
+    md = meta._dict
+    for tag in _META_DROP:
+        if tag in md:
+            del meta[tag]
 
 
 def _method_codes(rules: Rules) -> list[tuple[str, str]]:
@@ -724,23 +826,24 @@ def _method_codes(rules: Rules) -> list[tuple[str, str]]:
 
 
 def _markers(ds: Dataset, rules: Rules, ctx: _Ctx) -> None:
-    ds.PatientIdentityRemoved = "YES"
+    _set(ds, PATIENT_IDENTITY_REMOVED, "PatientIdentityRemoved", "YES")
     method = f"dicom-deid {__version__} {rules.policy.label}"
-    ds.DeidentificationMethod = method[:64]
+    _set(ds, DEID_METHOD, "DeidentificationMethod", method[:64])
     seq = Sequence()
     for code, meaning in _method_codes(rules):
         item = Dataset()
-        item.CodeValue = code
-        item.CodingSchemeDesignator = "DCM"
-        item.CodeMeaning = meaning
+        _set(item, 0x00080100, "CodeValue", code)
+        _set(item, 0x00080102, "CodingSchemeDesignator", "DCM")
+        _set(item, 0x00080104, "CodeMeaning", meaning)
         seq.append(item)
     ds.DeidentificationMethodCodeSequence = seq
     if rules.keep_dates:
-        ds.LongitudinalTemporalInformationModified = "UNMODIFIED"
+        value = "UNMODIFIED"
     elif rules.shift_dates:
-        ds.LongitudinalTemporalInformationModified = "MODIFIED"
+        value = "MODIFIED"
     else:
-        ds.LongitudinalTemporalInformationModified = "REMOVED"
+        value = "REMOVED"
+    _set(ds, LONGITUDINAL_MODIFIED, "LongitudinalTemporalInformationModified", value)
 
 
 def effective_actions(pol: Policy) -> list[dict]:
