@@ -11,11 +11,13 @@ FnApiRunner multi-processing on all cores), so the numbers compare within one ru
     throughput   the same N files (the throughput corpus, default 2,000) de-identified from
                  local disk, from gs:// and from s3:// (input, output and private prefix on
                  that scheme; the local run writes local). files/s, MB/s, ratios to local.
-    listing      100,000 tiny objects: time to the first name and to all names with
-                 storage.iter_objects (streamed) vs Beam's FileSystems.match (collects), and
-                 the Python heap each holds (tracemalloc); local disk, S3 (moto) and GCS.
-                 Listing runs in one process (not split across workers): names/s here is
-                 the ceiling of how fast a run can discover its inputs.
+    listing      100,000 tiny local files: the lister before the split (frozen copy in
+                 listing_before.py) vs storage.iter_objects vs the split listing
+                 (plan_listing + iter_task on 2 processes) vs Beam's FileSystems.match,
+                 interleaved rounds, timed without tracemalloc (heap in a separate pass);
+                 the same as pipelines (MatchInputs vs one DoFn per pattern); and
+                 --bucket-names objects in a moto bucket seeded directly in the server's
+                 memory, listed unsplit and split (4 threads).
     first        time from launch to the first processed object (first staged output) for
                  a pipeline over 100,000 local names (small valid DICOM objects; killed then).
     large        one multi-frame object of --large-mb (default 1,024 MB; written streamed):
@@ -245,7 +247,8 @@ def make_names(root: Path, n: int) -> Path:
 
 
 def measure_listing(fn) -> dict:
-    tracemalloc.start()
+    """Time to the first and to all names, without tracemalloc (it slows allocation-heavy
+    code several times over: the numbers of the first invocation were taken under it)."""
     t0 = time.perf_counter()
     first = None
     n = 0
@@ -254,59 +257,178 @@ def measure_listing(fn) -> dict:
             first = time.perf_counter() - t0
         n += 1
     total = time.perf_counter() - t0
+    return {"names": n, "first_name_s": round(first or 0, 3), "all_names_s": round(total, 2)}
+
+
+def peak_heap_mb(fn) -> float:
+    """Peak Python heap while listing (a separate pass, under tracemalloc)."""
+    tracemalloc.start()
+    for _ in fn():
+        pass
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    return {"names": n, "first_name_s": round(first or 0, 3), "all_names_s": round(total, 2),
-            "peak_heap_mb": round(peak / 2**20, 1)}
+    return round(peak / 2**20, 1)
 
 
-def bench_listing(n: int, s3_url: str, gcs_url: str, gcs_direct: str, nb: int = 0) -> dict:
-    """``n`` names on local disk, ``nb`` (default ``n``) in each bucket: uploading 100,000
-    objects one by one takes moto ~25 minutes on 2 loaded cores, and fake-gcs-server's memory
-    backend scans every object of a bucket on each write (quadratic), so the bucket listings
-    may run on fewer names; listing streams page by page, so names/s carries over."""
-    nb = nb or n
+def _count_task(args) -> int:
+    from dicom_deid import storage
+    pattern, task = args
+    return sum(1 for _ in storage.iter_task(pattern, task))
+
+
+def split_listing(pattern: str, workers: int, processes: bool):
+    """storage.plan_listing in this process, its tasks listed by ``workers`` processes (local
+    disk) or threads (buckets: I/O bound); yields once per name (tasks report counts only)."""
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+    from dicom_deid import storage
+    tasks = []
+    for item in storage.plan_listing(pattern):
+        if isinstance(item, str):
+            tasks.append((pattern, item))
+        else:
+            yield item
+    pool = ProcessPoolExecutor(workers) if processes else ThreadPoolExecutor(workers)
+    with pool:
+        for n in pool.map(_count_task, tasks):
+            for _ in range(n):
+                yield None
+
+
+def rounds(listers: dict, repeats: int) -> dict:
+    """Each lister ``repeats`` times, interleaved (so load changes hit all alike); median."""
+    runs = {k: [] for k in listers}
+    for _ in range(repeats):
+        for k, fn in listers.items():
+            runs[k].append(measure_listing(fn))
+    out = {}
+    for k, rs in runs.items():
+        rs.sort(key=lambda r: r["all_names_s"])
+        med = dict(rs[len(rs) // 2])
+        med["all_names_s_runs"] = [r["all_names_s"] for r in runs[k]] if len(rs) > 1 else None
+        out[k] = med
+    return out
+
+
+def pipeline_listing(pattern: str, mode: str) -> dict:
+    """A pipeline that only lists (default runner, all cores): ``split`` = MatchInputs as the
+    pipeline runs it (plan, fan out tasks, list, fan out refs); ``unsplit`` = the shape before
+    (one DoFn lists the whole pattern, then the refs are fanned out), with today's lister.
+    Wall time of the whole subprocess, Beam start-up included."""
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--listing-pipeline", mode, pattern],
+                         env=env_for(), capture_output=True, text=True, timeout=1800)
+    dt = time.perf_counter() - t0
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    return {"names": int(out.stdout.strip().splitlines()[-1]), "seconds": round(dt, 1)}
+
+
+def _listing_pipeline_child(mode: str, pattern: str) -> None:
+    import apache_beam as beam
+    from dicom_deid import storage
+    from dicom_deid.transforms.read import FileRef, MatchInputs
+
+    def unsplit(p):
+        for i in storage.iter_objects(p):
+            yield FileRef(i.uri, i.size, i.version)
+    res = Path(tempfile_dir()) / f"count-{os.getpid()}"
+    with beam.Pipeline() as p:
+        if mode == "split":
+            refs = p | MatchInputs([pattern])
+        else:
+            refs = p | beam.Create([pattern]) | beam.FlatMap(unsplit) | beam.Reshuffle()
+        _ = refs | beam.combiners.Count.Globally() | beam.Map(lambda n: res.write_text(str(n)))
+    print(res.read_text())
+    res.unlink()
+
+
+def tempfile_dir() -> str:
+    d = WORK / "listing-pipeline"
+    d.mkdir(parents=True, exist_ok=True)
+    return str(d)
+
+
+def bench_listing(n: int, s3_url: str, gcs_url: str, gcs_direct: str, nb: int = 0, repeats: int = 3) -> dict:
+    """``n`` names on local disk: before (the lister at fdf2a77, frozen in listing_before.py)
+    vs after (storage.iter_objects) vs the split listing vs Beam's FileSystems.match, in one
+    process, interleaved ``repeats`` times; then the same as pipelines (MatchInputs vs the
+    old one-DoFn shape). ``nb`` names in a moto bucket seeded directly in the server's
+    memory (uploading them one by one took ~25 minutes for 100,000), listed unsplit and
+    split. GCS: not at this size (fake-gcs-server's memory backend fills quadratically)."""
+    import listing_before
     from apache_beam.io.filesystems import FileSystems
     from apache_beam.options.pipeline_options import PipelineOptions
     from dicom_deid import storage
     d = make_names(WORK, n)
-    res = {"local": {
-        "storage.iter_objects": measure_listing(lambda: storage.iter_objects(f"{d}/**")),
-        "beam FileSystems.match": measure_listing(
-            lambda: (m for r in FileSystems.match([f"{d}/**"]) for m in r.metadata_list)),
-    }}
-    s3 = servers.s3_client(s3_url)
-    s3.create_bucket(Bucket="names")
-    print(f"uploading {nb} tiny objects to moto ...", file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(16) as ex:
-        list(ex.map(lambda i: s3.put_object(Bucket="names", Key=f"n/d{i // 1000:03d}/obj-{i:06d}.dcm", Body=b"x"),
-                    range(nb)))
-    res["s3_upload_s"] = round(time.perf_counter() - t0, 1)
-    FileSystems.set_options(PipelineOptions(servers.s3_beam_args(s3_url)))
-    storage.reset_clients()
-    res["s3"] = {
-        "storage.iter_objects": measure_listing(lambda: storage.iter_objects("s3://names/n/**")),
-        "beam FileSystems.match": measure_listing(
-            lambda: (m for r in FileSystems.match(["s3://names/n/**"]) for m in r.metadata_list)),
+    pat = f"{d}/**"
+    sum(1 for _ in os.scandir(d))  # warm the page cache for everyone
+    for _ in storage.iter_objects(pat):
+        pass
+    listers = {
+        "before: iter_objects (fdf2a77), one process": lambda: listing_before.iter_local(pat),
+        "after: iter_objects, one process": lambda: storage.iter_objects(pat),
+        "after: plan_listing + tasks on 2 processes": lambda: split_listing(pat, 2, True),
+        "beam FileSystems.match, one process": lambda: (m for r in FileSystems.match([pat]) for m in r.metadata_list),
     }
-    gcs = servers.gcs_client(gcs_direct)
-    gcs.create_bucket("names")
-    print(f"uploading {nb} tiny objects to the GCS server ...", file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(16 if gcs_direct != gcs_url else 3) as ex:
-        list(ex.map(lambda i: gcs.bucket("names").blob(f"n/d{i // 1000:03d}/obj-{i:06d}.dcm").upload_from_string(b"x"),
-                    range(nb)))
-    res["gs_upload_s"] = round(time.perf_counter() - t0, 1)
-    os.environ["STORAGE_EMULATOR_HOST"] = gcs_url
-    storage.reset_clients()
-    try:
-        res["gs"] = {"storage.iter_objects": measure_listing(lambda: storage.iter_objects("gs://names/n/**"))}
-    finally:
-        os.environ.pop("STORAGE_EMULATOR_HOST", None)
-        storage.reset_clients()
+    local = rounds(listers, repeats)
+    for k in ("before: iter_objects (fdf2a77), one process", "after: iter_objects, one process",
+              "beam FileSystems.match, one process"):
+        local[k]["peak_heap_mb"] = peak_heap_mb(listers[k])
+    res = {"local": local, "repeats": repeats}
+    print("listing: pipelines ...", file=sys.stderr, flush=True)
+    res["local_pipeline"] = {"MatchInputs (split)": pipeline_listing(pat, "split"),
+                             "one DoFn per pattern (the shape before)": pipeline_listing(pat, "unsplit")}
+    if nb:
+        with seeded_moto(nb) as (url, seed_s):
+            res["s3_seed_s"] = seed_s
+            FileSystems.set_options(PipelineOptions(servers.s3_beam_args(url)))
+            storage.reset_clients()
+            bp = "s3://names/n/**"
+            res["s3"] = rounds({"after: iter_objects, one process": lambda: storage.iter_objects(bp),
+                                "after: plan_listing + tasks on 4 threads": lambda: split_listing(bp, 4, False)},
+                               1)
+            storage.reset_clients()
     return res
+
+
+@contextlib.contextmanager
+def seeded_moto(n: int):
+    """A moto server (its own process) whose bucket ``names`` holds ``n`` objects
+    ``n/dNNN/obj-NNNNNN.dcm`` (1,000 per folder) written straight into its memory."""
+    port = servers.free_port()
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--seeded-moto", str(port), str(n)],
+                            env=env_for(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline().split()
+        if not line or line[0] != "ready":
+            raise RuntimeError("seeded moto did not start")
+        yield f"http://127.0.0.1:{port}", float(line[1])
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _seeded_moto_child(port: int, n: int) -> None:
+    import logging
+    logging.disable(logging.CRITICAL)
+    import werkzeug.serving  # noqa: F401  (quiet request log)
+    logging.getLogger("werkzeug").disabled = True
+    import boto3
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+    from moto.server import ThreadedMotoServer
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    c = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id="x",
+                     aws_secret_access_key="x", region_name="us-east-1")
+    c.create_bucket(Bucket="names")
+    backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
+    t0 = time.perf_counter()
+    for i in range(n):
+        backend.put_object("names", f"n/d{i // 1000:03d}/obj-{i:06d}.dcm", b"x")
+    print(f"ready {time.perf_counter() - t0:.1f}", flush=True)
+    sys.stdin.read()
+    server.stop()
 
 
 def ct_source() -> Path:
@@ -379,7 +501,10 @@ def bench_first_processed(n: int, key: Path) -> dict:
             "pseudonym_map_written_s": round(map_written, 1) if map_written else None,
             "object_bytes": len(tiny_ct()),
             "peak_rss_mb_until_then": round(sampler.peak_rss / 2**20),
-            "note": "includes the pseudonym header scan of every input, which precedes reading"}
+            "note": ("the pseudonym map was written before the first object: the header scan of every "
+                     "input preceded reading" if map_written and first and map_written <= first else
+                     "the first object was staged before any pseudonym map part was written "
+                     "(no header-scan barrier on this run)")}
 
 
 # --- one large object ----------------------------------------------------------------------------
@@ -444,7 +569,7 @@ def bench_large(megabytes: int, s3_url: str, key: Path) -> dict:
 
 
 def to_markdown(r: dict) -> str:
-    t = r["throughput"]
+    t = r.get("throughput") or {}
     lines = [f"# Storage benchmark ({r['date']}, {r['machine']}, load average at start/end "
              f"{r['loadavg_at_start'][0]:.1f}/{r['loadavg_at_end'][0]:.1f} on a shared machine)", "",
              f"Same {t['files']} files ({t['megabytes']} MB), default local runner "
@@ -456,15 +581,21 @@ def to_markdown(r: dict) -> str:
         v = t[k]
         lines.append(f"| {k} | {v['seconds']} | {v['files_per_s']} | {v['mb_per_s']} | "
                      f"{v.get('ratio_to_local', 1.0)} | {v['peak_rss_mb']} |")
-    li = r["listing"]
-    lines += ["", "Listing (one process; the pipeline lists each pattern in one place):", "",
+    li = r.get("listing") or {}
+    lines += ["", f"Listing in one process or split (medians of {li.get('repeats', 1)} interleaved rounds; "
+              "no tracemalloc while timed, heap in a separate pass):", "",
               "| store | lister | names | first name s | all names s | names/s | peak Python heap MB |",
               "|---|---|---|---|---|---|---|"]
     for store in ("local", "s3", "gs"):
         for lister, v in li.get(store, {}).items():
+            if not isinstance(v, dict) or "names" not in v:
+                continue
             rate = round(v["names"] / v["all_names_s"]) if v["all_names_s"] else None
             lines.append(f"| {store} | {lister} | {v['names']:,} | {v['first_name_s']} | {v['all_names_s']} | "
-                         f"{rate} | {v['peak_heap_mb']} |")
+                         f"{rate} | {v.get('peak_heap_mb', '')} |")
+    for lister, v in (li.get("local_pipeline") or {}).items():
+        lines.append(f"| local, pipeline (all cores, Beam start-up included) | {lister} | {v['names']:,} | | "
+                     f"{v['seconds']} | {round(v['names'] / v['seconds'])} | |")
     f = r["first_processed"]
     lines += ["", f"Pipeline over {f['names']:,} local names: pseudonym map written after "
               f"{f.get('pseudonym_map_written_s')} s, first processed object after "
@@ -489,6 +620,13 @@ def to_markdown(r: dict) -> str:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--listing-pipeline"]:  # child processes of the listing section
+        _listing_pipeline_child(argv[1], argv[2])
+        return 0
+    if argv[:1] == ["--seeded-moto"]:
+        _seeded_moto_child(int(argv[1]), int(argv[2]))
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--files", type=int, default=2000)
     ap.add_argument("--names", type=int, default=100_000)
@@ -496,8 +634,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(HERE / "results" / "storage.json"))
     ap.add_argument("--only", default="", help="comma-separated: throughput,listing,first,large,fetch "
                                                "(fetch only when named)")
-    ap.add_argument("--bucket-names", type=int, default=0,
-                    help="names in each bucket for the listing (default: --names)")
+    ap.add_argument("--bucket-names", type=int, default=50_000,
+                    help="names in the (directly seeded) moto bucket for the listing; 0: none")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of the local listers (median)")
     ap.add_argument("--merge", default="", help="an earlier results JSON whose sections this run "
                                                 "does not measure are kept (the table says so)")
     args = ap.parse_args(argv)
@@ -517,7 +656,7 @@ def main(argv=None) -> int:
         result["gcs_server"] = gcs_name
         for name, fn in (("throughput", lambda: bench_throughput(args.files, s3_url, gcs_url, key, gcs_direct)),
                          ("listing", lambda: bench_listing(args.names, s3_url, gcs_url, gcs_direct,
-                                                           args.bucket_names)),
+                                                           args.bucket_names, args.repeats)),
                          ("first_processed", lambda: bench_first_processed(args.names, key)),
                          ("large", lambda: bench_large(args.large_mb, s3_url, key)),
                          ("fetch", lambda: bench_fetch())):
@@ -528,13 +667,22 @@ def main(argv=None) -> int:
             result[name] = fn()
             result[name]["section_seconds"] = round(time.perf_counter() - t0, 1)
             out_partial = Path(args.out).with_suffix(".partial.json")
+            out_partial.parent.mkdir(parents=True, exist_ok=True)
             out_partial.write_text(json.dumps(result, indent=2, default=str))
     result["load"] = load.stop()
     result["loadavg_at_end"] = os.getloadavg()
-    for name in ("throughput", "listing", "first_processed", "large"):
+    measured = [n for n in ("throughput", "listing", "first_processed", "large", "fetch") if n in result]
+    for name in ("throughput", "listing", "first_processed", "large", "fetch"):
         if name not in result and name in earlier:
-            result[name] = dict(earlier[name], measured_in_earlier_invocation={
-                k: earlier.get(k) for k in ("date", "loadavg_at_start", "load", "gcs_server")})
+            result[name] = earlier[name] if "measured_in_earlier_invocation" in earlier[name] else dict(
+                earlier[name], measured_in_earlier_invocation={
+                    k: earlier.get(k) for k in ("date", "loadavg_at_start", "load", "gcs_server")})
+    if "listing" in earlier and "listing" in measured:
+        # the numbers before this invocation's listing (e.g. before the split listing) stay on record
+        result["listing_earlier"] = earlier.get("listing_earlier") or dict(
+            earlier["listing"], measured_in_earlier_invocation={k: earlier.get(k) for k in ("date", "load")})
+    result["invocations"] = list(earlier.get("invocations") or []) + [
+        {"sections": measured, "date": result["date"], "args": vars(args)}]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
