@@ -157,7 +157,7 @@ def _write_spliced(ds: Dataset, write) -> "dict | None":
     end = "<" if little else ">"
     item = struct.pack(end + "HHL", 0xFFFE, 0xE000, 0)
     delim = struct.pack(end + "HHL", 0xFFFE, 0xE0DD, 0)
-    plan = []  # (tag, source offset, value length, undefined length)
+    plan = []  # (deferred element, value length, undefined length)
     with open(src_path, "rb") as src:
         for raw in _deferred(ds):
             vr = raw.VR
