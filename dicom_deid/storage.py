@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import logging
 import os
 import random
@@ -482,7 +483,9 @@ def plan_listing(pattern: str, on_retry=None, target: Optional[int] = None,
     (gs/s3), each listed in full by :func:`iter_task`. Folders are opened breadth first (a
     delimiter ``/`` listing on buckets, one ``scandir`` locally), at most ``max_depth``
     levels, until there are ``target`` tasks; further sub-folders become tasks as they are
-    found, so at most ``target`` are held. Every object the pattern matches is yielded
+    found, so at most ``target`` are held. A sub-folder is opened only when it fits in one
+    listing page (``LIST_PAGE`` entries); a bigger one is a task, so the planner itself
+    lists at most the pattern's top folder and a page per opened sub-folder. Every object the pattern matches is yielded
     exactly once, either here or by exactly one task's :func:`iter_task` (same set as
     :func:`iter_objects`). Patterns without wildcards and other schemes are not split."""
     target = SPLIT_TARGET if target is None else target
@@ -509,7 +512,15 @@ def plan_listing(pattern: str, on_retry=None, target: Optional[int] = None,
             tasks += 1
             yield top
             continue
-        for item in _iter_one_level(pat, top, on_retry):
+        # the pattern's own folder is opened whatever its size (someone must list what is
+        # directly in it); a sub-folder only when one page holds it, so the planner never
+        # lists much itself: a big folder is one task
+        level_items = _one_level(pat, top, on_retry, None if level == 0 else LIST_PAGE)
+        if level_items is None:
+            tasks += 1
+            yield top
+            continue
+        for item in level_items:
             if isinstance(item, ObjectInfo):
                 yield item
             elif tasks + len(queue) < target:
@@ -528,20 +539,42 @@ def iter_task(pattern: str, task: str, on_retry=None) -> Iterator[ObjectInfo]:
         return
     pat = _Pattern(pattern)
     rx, n = pat.rx, len(pat.base)
-    lister = _iter_gcs_prefix if s == "gs" else _iter_s3_prefix
-    for info in lister(task, on_retry):
+    for info in _iter_prefix(task, on_retry):
         if pat.everything or rx.match(info.uri, n):
             yield info
 
 
-def _iter_one_level(pat: _Pattern, top: str, on_retry=None) -> Iterator:
+def _one_level(pat: _Pattern, top: str, on_retry=None, limit: Optional[int] = None):
     """One level under ``top``: matching objects (ObjectInfo) and sub-folders / common
-    prefixes (str) that may hold matches."""
+    prefixes (str) that may hold matches, streamed; with ``limit``, a list of them, or None
+    when the level holds more than ``limit`` entries (more than one listing page: such a
+    folder is better listed as one task than opened by the planner)."""
+    if limit is None:
+        return _iter_one_level(pat, top, on_retry)
+    if is_local(top):
+        try:
+            with os.scandir(top) as it:
+                entries = list(itertools.islice(it, limit + 1))
+        except OSError:
+            return []
+        if len(entries) > limit:
+            return None
+        return list(_iter_one_level(pat, top, on_retry))
+    page = _gcs_page if scheme(top) == "gs" else _s3_page
+    objects, prefixes, token = page(top, None, "/", on_retry)
+    if token:
+        return None
+    n = len(pat.base)
+    return ([o for o in objects if pat.everything or pat.rx.match(o.uri, n)]
+            + [p for p in prefixes if pat.may_hold(p[n:])])
+
+
+def _iter_one_level(pat: _Pattern, top: str, on_retry=None) -> Iterator:
     n = len(pat.base)
     if is_local(top):
         try:
             with os.scandir(top) as it:
-                entries = sorted(it, key=lambda e: e.name)
+                entries = sorted(it, key=_entry_name)
         except OSError:
             return
         for e in entries:
@@ -558,8 +591,7 @@ def _iter_one_level(pat: _Pattern, top: str, on_retry=None) -> Iterator:
                 continue  # vanished while listing
             yield ObjectInfo(path, st.st_size, f"mtime:{st.st_mtime_ns}", st.st_mtime)
         return
-    lister = _iter_gcs_prefix if scheme(top) == "gs" else _iter_s3_prefix
-    for item in lister(top, on_retry, delimiter="/"):
+    for item in _iter_prefix(top, on_retry, delimiter="/"):
         if isinstance(item, str):
             if pat.may_hold(item[n:]):
                 yield item
@@ -673,49 +705,51 @@ def _entry_name(e) -> str:
     return e.name
 
 
-def _iter_gcs_prefix(prefix: str, on_retry=None, delimiter: Optional[str] = None) -> Iterator:
-    """Objects under a ``gs://`` key prefix as ObjectInfo, page by page; with ``delimiter``
-    also the common prefixes one level down, as ``gs://`` URI strings."""
+def _gcs_page(prefix: str, token=None, delimiter: Optional[str] = None, on_retry=None):
+    """One listing page under a ``gs://`` key prefix: (ObjectInfo list, common prefixes as
+    ``gs://`` URIs (with ``delimiter``), next page token or None)."""
     bucket, key_prefix = split_bucket(prefix)
     client = _gcs()
-    token = None
-    while True:
-        def page(token=token):
-            it = client.list_blobs(client.bucket(bucket), prefix=key_prefix, page_token=token,
-                                   page_size=LIST_PAGE, delimiter=delimiter, retry=None)
-            p = next(it.pages)
-            return list(p), tuple(getattr(p, "prefixes", ()) or ()), it.next_page_token
-        blobs, prefixes, token = with_retries(page, on_retry=on_retry)
-        for b in blobs:
-            yield ObjectInfo(f"gs://{bucket}/{b.name}", int(b.size or 0), f"gen:{b.generation}", _ts(b.updated))
-        for p in prefixes:
-            yield f"gs://{bucket}/{p}"
-        if not token:
-            return
+
+    def page():
+        it = client.list_blobs(client.bucket(bucket), prefix=key_prefix, page_token=token,
+                               page_size=LIST_PAGE, delimiter=delimiter, retry=None)
+        p = next(it.pages)
+        return list(p), tuple(getattr(p, "prefixes", ()) or ()), it.next_page_token
+    blobs, prefixes, token = with_retries(page, on_retry=on_retry)
+    return ([ObjectInfo(f"gs://{bucket}/{b.name}", int(b.size or 0), f"gen:{b.generation}", _ts(b.updated))
+             for b in blobs], [f"gs://{bucket}/{p}" for p in prefixes], token or None)
 
 
-def _iter_s3_prefix(prefix: str, on_retry=None, delimiter: Optional[str] = None) -> Iterator:
-    """Objects under an ``s3://`` key prefix as ObjectInfo, page by page; with ``delimiter``
-    also the common prefixes one level down, as ``s3://`` URI strings."""
+def _s3_page(prefix: str, token=None, delimiter: Optional[str] = None, on_retry=None):
+    """One listing page under an ``s3://`` key prefix (as :func:`_gcs_page`)."""
     bucket, key_prefix = split_bucket(prefix)
     client = _s3()
+
+    def page():
+        kw = {"Bucket": bucket, "Prefix": key_prefix, "MaxKeys": LIST_PAGE}
+        if delimiter:
+            kw["Delimiter"] = delimiter
+        if token:
+            kw["ContinuationToken"] = token
+        r = client.list_objects_v2(**kw)
+        return (r.get("Contents") or [], [c["Prefix"] for c in r.get("CommonPrefixes") or []],
+                r.get("NextContinuationToken") if r.get("IsTruncated") else None)
+    items, prefixes, token = with_retries(page, on_retry=on_retry)
+    return ([ObjectInfo(f"s3://{bucket}/{it['Key']}", int(it.get("Size") or 0),
+                        f"etag:{(it.get('ETag') or '').strip(chr(34))}", _ts(it.get("LastModified")))
+             for it in items], [f"s3://{bucket}/{p}" for p in prefixes], token or None)
+
+
+def _iter_prefix(prefix: str, on_retry=None, delimiter: Optional[str] = None) -> Iterator:
+    """Objects under a ``gs://``/``s3://`` key prefix as ObjectInfo, page by page; with
+    ``delimiter`` also the common prefixes one level down, as URI strings."""
+    page = _gcs_page if scheme(prefix) == "gs" else _s3_page
     token = None
     while True:
-        def page(token=token):
-            kw = {"Bucket": bucket, "Prefix": key_prefix, "MaxKeys": LIST_PAGE}
-            if delimiter:
-                kw["Delimiter"] = delimiter
-            if token:
-                kw["ContinuationToken"] = token
-            r = client.list_objects_v2(**kw)
-            return (r.get("Contents") or [], [c["Prefix"] for c in r.get("CommonPrefixes") or []],
-                    r.get("NextContinuationToken") if r.get("IsTruncated") else None)
-        items, prefixes, token = with_retries(page, on_retry=on_retry)
-        for it in items:
-            yield ObjectInfo(f"s3://{bucket}/{it['Key']}", int(it.get("Size") or 0),
-                             f"etag:{(it.get('ETag') or '').strip(chr(34))}", _ts(it.get("LastModified")))
-        for p in prefixes:
-            yield f"s3://{bucket}/{p}"
+        objects, prefixes, token = page(prefix, token, delimiter, on_retry)
+        yield from objects
+        yield from prefixes
         if not token:
             return
 

@@ -63,8 +63,10 @@ def tree(tmp_path_factory):
     return root
 
 
+@pytest.mark.parametrize("page", [1000, 2])  # 2: most sub-folders are too big to open, so tasks
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_local_split_listing_lists_the_same_objects_once(tree, pattern):
+def test_local_split_listing_lists_the_same_objects_once(tree, pattern, page, monkeypatch):
+    monkeypatch.setattr(storage, "LIST_PAGE", page)
     beam = {os.path.relpath(m.path, tree) for r in FileSystems.match([f"{tree}/{pattern}"])
             for m in r.metadata_list} if "nothing" not in pattern else set()
     _check(f"{tree}/{pattern}", lambda u: os.path.relpath(u, tree), beam)
@@ -73,7 +75,7 @@ def test_local_split_listing_lists_the_same_objects_once(tree, pattern):
                for i in whole)  # same version format as before: incremental runs still match
 
 
-def test_local_split_really_splits(tree):
+def test_local_split_really_splits(tree, monkeypatch):
     items = list(storage.plan_listing(f"{tree}/**", target=4, max_depth=1))
     tasks = {os.path.relpath(i, tree) for i in items if isinstance(i, str)}
     direct = {os.path.relpath(i.uri, tree) for i in items if not isinstance(i, str)}
@@ -87,6 +89,13 @@ def test_local_split_really_splits(tree):
     assert not [i for i in items if isinstance(i, str)]
     assert {os.path.relpath(i.uri, tree) for i in items} == {"a/1.dcm", "a/2.dcm", "ab/6.dcm", f"{NAME}/9.dcm",
                                                             "scan2/12.dcm"}
+    # a sub-folder with more entries than one listing page is a task, not opened by the planner
+    monkeypatch.setattr(storage, "LIST_PAGE", 2)
+    items = list(storage.plan_listing(f"{tree}/**", target=64))
+    assert {os.path.relpath(i, tree) for i in items if isinstance(i, str)} == {"a", "q/r/s"}
+    assert {os.path.relpath(i.uri, tree) for i in items if not isinstance(i, str)} == {
+        "top.dcm", "top.txt", "z.dcm", "scanX.dcm", "ab/6.dcm", "abc/d/7.dcm", f"{NAME}/9.dcm",
+        f"{NAME}/s1/8.dcm", "scan1/series/11.dcm", "scan2/12.dcm"}
 
 
 def test_missing_and_plain_paths(tree):
