@@ -146,6 +146,8 @@ class Deriver:
         self._key = key
         self._lo, self._hi = lo, hi
         self._uid_cache: dict[str, str] = {}
+        #: patient key HMAC -> (pseudonym, date offset): HMAC outputs only, bounded
+        self._patient_cache: dict[str, tuple] = {}
 
     def __reduce__(self):  # never pickle key material
         raise TypeError("Deriver holds key material and must not be serialized")
@@ -173,10 +175,27 @@ class Deriver:
         return self.mac("patient", f"{issuer}\x1f{patient_id}").hex()
 
     def pseudonym(self, patient_key: str) -> str:
+        return self._per_patient(patient_key)[0]
+
+    def date_offset_days(self, patient_key: str) -> int:
+        return self._per_patient(patient_key)[1]
+
+    def _per_patient(self, patient_key: str) -> tuple:
+        """Pseudonym and date offset of a patient key, computed once per worker (objects of
+        one patient come together; the cache holds HMAC outputs only, bounded)."""
+        cached = self._patient_cache.get(patient_key)
+        if cached is None:
+            cached = (self._pseudonym(patient_key), self._date_offset_days(patient_key))
+            if len(self._patient_cache) >= 10_000:
+                self._patient_cache.clear()
+            self._patient_cache[patient_key] = cached
+        return cached
+
+    def _pseudonym(self, patient_key: str) -> str:
         digest = self.mac("pseudonym", patient_key)[:10]
         return "DD" + base64.b32encode(digest).decode("ascii").rstrip("=")
 
-    def date_offset_days(self, patient_key: str) -> int:
+    def _date_offset_days(self, patient_key: str) -> int:
         span = self._hi - self._lo + 1
         n = int.from_bytes(self.mac("date-offset", patient_key)[:8], "big") % span
         off = self._lo + n

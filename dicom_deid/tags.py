@@ -60,6 +60,8 @@ _DUMMY = {
     "PN": "ANONYMIZED", "SH": "ANONYMIZED", "ST": "ANONYMIZED", "TM": "000000",
     "UC": "ANONYMIZED", "UR": "ANONYMIZED", "UT": "ANONYMIZED",
 }
+#: pixel data elements (deleting one resets pydicom's pixel array cache: `del ds[tag]`)
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 #: VRs _dummy shifts (when dates are shifted) instead of replacing
 _DATES = frozenset({"DA", "DT"})
 _NUMERIC_ZERO = {"US": 0, "SS": 0, "UL": 0, "SL": 0, "UV": 0, "SV": 0, "FL": 0.0, "FD": 0.0}
@@ -282,6 +284,14 @@ def _walk(ds: Dataset, path: tuple, ctx: _Ctx, cleaning: bool = False) -> None:
     resolved = ctx.resolved
     removed = kept = 0
     dropped_creator = False
+    if has_private and drop_private and fast:
+        # every private element goes: all at once, before the others (nothing the others
+        # do looks at them)
+        private = [t for t in d if t >> 16 & 1]
+        for t in private:
+            del d[t]  # what `del ds[t]` does for a private element, see the end
+        removed = len(private)
+        dropped_creator = any(0x0010 <= t & 0xFFFF <= 0x00FF for t in private)
     for tag, raw in list(d.items()):
         t = int(tag)
         if top and (t == PATIENT_ID or t == PATIENT_NAME or t in _MARKERS):
@@ -385,7 +395,10 @@ def _walk(ds: Dataset, path: tuple, ctx: _Ctx, cleaning: bool = False) -> None:
         if fast and elem is None:
             if action == "X" or action == "K" and vr != "SQ":
                 if action == "X":
-                    del ds[tag]
+                    if t in _PIXEL_TAGS:
+                        del ds[tag]
+                    else:
+                        del d[tag]  # what `del ds[tag]` does for a standard, non-pixel element
                     removed += 1
                 else:
                     kept += 1
