@@ -348,37 +348,58 @@ def tempfile_dir() -> str:
     return str(d)
 
 
-def bench_listing(n: int, s3_url: str, gcs_url: str, gcs_direct: str, nb: int = 0, repeats: int = 3) -> dict:
+def bench_listing(n: int, s3_url: str, gcs_url: str, gcs_direct: str, nb: int = 0, repeats: int = 3,
+                  ngs: int = 0, stores=("local", "s3", "gs")) -> dict:
     """``n`` names on local disk: before (the lister at fdf2a77, frozen in listing_before.py)
     vs after (storage.iter_objects) vs the split listing vs Beam's FileSystems.match, in one
     process, interleaved ``repeats`` times; then the same as pipelines (MatchInputs vs the
     old one-DoFn shape). ``nb`` names in a moto bucket seeded directly in the server's
     memory (uploading them one by one took ~25 minutes for 100,000), listed unsplit and
-    split. GCS: not at this size (fake-gcs-server's memory backend fills quadratically)."""
+    split. ``ngs`` names in a fake-gcs-server bucket (filesystem backend: files and their
+    ``user.metadata`` xattr written straight to its root; its memory backend fills
+    quadratically), listed direct (no proxy), unsplit and split. The filesystem backend walks
+    the whole bucket on every page request, so its listing is quadratic too: keep ngs small."""
     import listing_before
     from apache_beam.io.filesystems import FileSystems
     from apache_beam.options.pipeline_options import PipelineOptions
     from dicom_deid import storage
-    d = make_names(WORK, n)
+    res = {"local": {}, "repeats": repeats}
+    if "local" not in stores:
+        n = 0
+    d = make_names(WORK, n) if n else WORK
     pat = f"{d}/**"
-    sum(1 for _ in os.scandir(d))  # warm the page cache for everyone
-    for _ in storage.iter_objects(pat):
-        pass
+    if "local" in stores:
+        for _ in storage.iter_objects(pat):  # warm the page cache for everyone
+            pass
     listers = {
         "before: iter_objects (fdf2a77), one process": lambda: listing_before.iter_local(pat),
         "after: iter_objects, one process": lambda: storage.iter_objects(pat),
         "after: plan_listing + tasks on 2 processes": lambda: split_listing(pat, 2, True),
         "beam FileSystems.match, one process": lambda: (m for r in FileSystems.match([pat]) for m in r.metadata_list),
     }
-    local = rounds(listers, repeats)
-    for k in ("before: iter_objects (fdf2a77), one process", "after: iter_objects, one process",
-              "beam FileSystems.match, one process"):
-        local[k]["peak_heap_mb"] = peak_heap_mb(listers[k])
-    res = {"local": local, "repeats": repeats}
-    print("listing: pipelines ...", file=sys.stderr, flush=True)
-    res["local_pipeline"] = {"MatchInputs (split)": pipeline_listing(pat, "split"),
-                             "one DoFn per pattern (the shape before)": pipeline_listing(pat, "unsplit")}
-    if nb:
+    if "local" in stores:
+        local = rounds(listers, repeats)
+        for k in ("before: iter_objects (fdf2a77), one process", "after: iter_objects, one process",
+                  "beam FileSystems.match, one process"):
+            local[k]["peak_heap_mb"] = peak_heap_mb(listers[k])
+        res["local"] = local
+        print("listing: pipelines ...", file=sys.stderr, flush=True)
+        res["local_pipeline"] = {"MatchInputs (split)": pipeline_listing(pat, "split"),
+                                 "one DoFn per pattern (the shape before)": pipeline_listing(pat, "unsplit")}
+    if ngs and "gs" in stores:
+        with seeded_fake_gcs(ngs) as (url, seed_s):
+            res["gs_seed_s"] = seed_s
+            os.environ["STORAGE_EMULATOR_HOST"] = url
+            storage.reset_clients()
+            try:
+                gp = "gs://names/n/**"
+                res["gs"] = rounds({"after: iter_objects, one process": lambda: storage.iter_objects(gp),
+                                    "after: plan_listing + tasks on 4 threads": lambda: split_listing(gp, 4, False)},
+                                   1)
+            finally:
+                os.environ.pop("STORAGE_EMULATOR_HOST", None)
+                storage.reset_clients()
+    if nb and "s3" in stores:
         with seeded_moto(nb) as (url, seed_s):
             res["s3_seed_s"] = seed_s
             FileSystems.set_options(PipelineOptions(servers.s3_beam_args(url)))
@@ -388,7 +409,42 @@ def bench_listing(n: int, s3_url: str, gcs_url: str, gcs_direct: str, nb: int = 
                                 "after: plan_listing + tasks on 4 threads": lambda: split_listing(bp, 4, False)},
                                1)
             storage.reset_clients()
+    if not res["local"]:
+        res.pop("local")
+    res["stores"] = list(stores)
     return res
+
+
+@contextlib.contextmanager
+def seeded_fake_gcs(n: int):
+    """fake-gcs-server with ``-backend filesystem`` whose bucket ``names`` holds ``n``
+    objects ``n/dNNN/obj-NNNNNN.dcm`` (1,000 per folder): one uploaded through the API,
+    the rest copied on disk with its metadata (the backend reads disk on every request)."""
+    root = WORK / "fake-gcs-root"
+    shutil.rmtree(root, ignore_errors=True)
+    port = servers.free_port()
+    cmd = [str(servers.fake_gcs_binary()), "-scheme", "http", "-backend", "filesystem", "-filesystem-root",
+           str(root), "-host", "127.0.0.1", "-port", str(port), "-public-host", f"127.0.0.1:{port}",
+           "-external-url", f"http://127.0.0.1:{port}", "-log-level", "error"]
+    with servers._process(cmd, port, "/storage/v1/b", log_name="fake-gcs-fs"):
+        url = f"http://127.0.0.1:{port}"
+        c = servers.gcs_client(url)
+        c.create_bucket("names")
+        c.bucket("names").blob("n/d000/obj-000000.dcm").upload_from_string(b"x")
+        first = root / "names" / "n" / "d000" / "obj-000000.dcm"
+        meta = os.getxattr(first, "user.metadata")
+        t0 = time.perf_counter()
+        for i in range(1, n):
+            d = root / "names" / "n" / f"d{i // 1000:03d}"
+            if i % 1000 == 0:
+                d.mkdir(parents=True, exist_ok=True)
+            p = d / f"obj-{i:06d}.dcm"
+            p.write_bytes(b"x")
+            os.setxattr(p, "user.metadata", meta)
+        try:
+            yield url, round(time.perf_counter() - t0, 1)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -637,6 +693,9 @@ def main(argv=None) -> int:
     ap.add_argument("--bucket-names", type=int, default=50_000,
                     help="names in the (directly seeded) moto bucket for the listing; 0: none")
     ap.add_argument("--repeats", type=int, default=3, help="rounds of the local listers (median)")
+    ap.add_argument("--gcs-names", type=int, default=20_000,
+                    help="names in the (seeded on disk) fake-gcs-server bucket for the listing; 0: none")
+    ap.add_argument("--listing-stores", default="local,s3,gs", help="which stores the listing section measures")
     ap.add_argument("--merge", default="", help="an earlier results JSON whose sections this run "
                                                 "does not measure are kept (the table says so)")
     args = ap.parse_args(argv)
@@ -656,7 +715,8 @@ def main(argv=None) -> int:
         result["gcs_server"] = gcs_name
         for name, fn in (("throughput", lambda: bench_throughput(args.files, s3_url, gcs_url, key, gcs_direct)),
                          ("listing", lambda: bench_listing(args.names, s3_url, gcs_url, gcs_direct,
-                                                           args.bucket_names, args.repeats)),
+                                                           args.bucket_names, args.repeats, args.gcs_names,
+                                                           args.listing_stores.split(","))),
                          ("first_processed", lambda: bench_first_processed(args.names, key)),
                          ("large", lambda: bench_large(args.large_mb, s3_url, key)),
                          ("fetch", lambda: bench_fetch())):
@@ -672,11 +732,21 @@ def main(argv=None) -> int:
     result["load"] = load.stop()
     result["loadavg_at_end"] = os.getloadavg()
     measured = [n for n in ("throughput", "listing", "first_processed", "large", "fetch") if n in result]
+    if "listing" in measured and "listing" in earlier:
+        # stores this invocation did not list keep their earlier numbers (said so per store)
+        when = (earlier["listing"].get("measured_in_earlier_invocation") or {}).get("date") or earlier.get("date")
+        for k, v in earlier["listing"].items():
+            if k not in result["listing"] and k not in ("section_seconds", "stores", "measured_in_earlier_invocation"):
+                result["listing"][k] = v
+                if k in ("local", "s3", "gs", "local_pipeline"):
+                    result["listing"].setdefault("stores_from_earlier_invocation", {})[k] = when
     for name in ("throughput", "listing", "first_processed", "large", "fetch"):
         if name not in result and name in earlier:
             result[name] = earlier[name] if "measured_in_earlier_invocation" in earlier[name] else dict(
                 earlier[name], measured_in_earlier_invocation={
                     k: earlier.get(k) for k in ("date", "loadavg_at_start", "load", "gcs_server")})
+    if earlier.get("listing_earlier") and "listing" not in measured:
+        result["listing_earlier"] = earlier["listing_earlier"]
     if "listing" in earlier and "listing" in measured:
         # the numbers before this invocation's listing (e.g. before the split listing) stay on record
         result["listing_earlier"] = earlier.get("listing_earlier") or dict(

@@ -484,8 +484,10 @@ def plan_listing(pattern: str, on_retry=None, target: Optional[int] = None,
     delimiter ``/`` listing on buckets, one ``scandir`` locally), at most ``max_depth``
     levels, until there are ``target`` tasks; further sub-folders become tasks as they are
     found, so at most ``target`` are held. A sub-folder is opened only when it fits in one
-    listing page (``LIST_PAGE`` entries); a bigger one is a task, so the planner itself
-    lists at most the pattern's top folder and a page per opened sub-folder. Every object the pattern matches is yielded
+    listing page (``LIST_PAGE`` entries), and only until the planner has listed about one
+    page of objects below the top folder; the rest are tasks. So the planner lists the
+    pattern's top folder and about two pages more: folders that hold only folders (site /
+    patient / study) are opened to find parallelism, folders of objects are left to tasks. Every object the pattern matches is yielded
     exactly once, either here or by exactly one task's :func:`iter_task` (same set as
     :func:`iter_objects`). Patterns without wildcards and other schemes are not split."""
     target = SPLIT_TARGET if target is None else target
@@ -506,9 +508,10 @@ def plan_listing(pattern: str, on_retry=None, target: Optional[int] = None,
         return
     from collections import deque
     queue, tasks = deque([(start, 0)]), 0
+    budget = LIST_PAGE  # objects the planner may list itself below the pattern's own folder
     while queue:
         top, level = queue.popleft()
-        if level >= max_depth or tasks + len(queue) + 1 > target:
+        if level >= max_depth or tasks + len(queue) + 1 > target or (level and budget <= 0):
             tasks += 1
             yield top
             continue
@@ -522,6 +525,7 @@ def plan_listing(pattern: str, on_retry=None, target: Optional[int] = None,
             continue
         for item in level_items:
             if isinstance(item, ObjectInfo):
+                budget -= level > 0
                 yield item
             elif tasks + len(queue) < target:
                 queue.append((item, level + 1))
