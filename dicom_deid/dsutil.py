@@ -189,6 +189,48 @@ def replace_value(ds: Dataset, tag: int, value) -> bool:
     return True
 
 
+#: character sets whose decoding of printable ASCII is that ASCII (pydicom's codec names)
+_PLAIN_CHARSETS = frozenset({"iso8859", "latin_1"})
+
+
+def text_parts(ds: Dataset, raw) -> "list[str] | None":
+    """The values pydicom's conversion of ``raw`` would give, as plain strings, without
+    converting it (the element stays as read), for PN, LO and SH elements of printable
+    ASCII in a dataset with the default or Latin-1 character set: LO/SH as
+    ``convert_text`` splits and strips them; PN as ``convert_PN`` splits them (each part is
+    the text of the PersonName, up to empty trailing component groups). None for anything
+    else: the caller converts."""
+    if not isinstance(raw, RawDataElement):
+        return None
+    vr = _plain_text(raw)
+    if vr is None or vr not in _PARTS_VRS:
+        return None
+    if _config.settings.reading_validation_mode != _config.IGNORE or not _default_conversion():
+        return None
+    encoding = ds.original_character_set or ds._character_set
+    if not isinstance(encoding, str):
+        if len(encoding) != 1:
+            return None
+        encoding = encoding[0]
+    if encoding not in _PLAIN_CHARSETS:
+        return None
+    value = raw.value
+    if vr == "PN":
+        value = value.rstrip(b"\x00 ")
+        if not value.isascii():
+            return None
+        text = value.decode("ascii")
+        if not text.isprintable():
+            return None
+        return text.split("\\")
+    if not value.isascii() or b"\x1b" in value:
+        return None
+    return [v.rstrip("\0 ") for v in value.decode("ascii").split("\\")]
+
+
+_PARTS_VRS = frozenset({"PN", "LO", "SH"})
+
+
 def value_of(ds: Dataset, tag: int, default=None):
     """``ds.get(keyword, default)`` by tag: the converted value, or ``default`` when absent."""
     raw = ds._dict.get(tag)

@@ -10,7 +10,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from .dsutil import MAX_DEPTH, PLAIN_VRS, element, is_bulk_element, vr_of
+from .dsutil import MAX_DEPTH, PLAIN_VRS, element, is_bulk_element, text_parts, vr_of
 from .element import PhiContext
 
 # Identifying attributes whose values are collected, by kind. PN values are collected
@@ -65,6 +65,14 @@ def _name_components(pn_text: str) -> list[tuple[str, ...]]:
     return out
 
 
+def collected_tags() -> frozenset:
+    """Every tag whose value :func:`extract` collects (besides any element of VR PN)."""
+    global _ID_TAGS
+    if _ID_TAGS is None:
+        _ID_TAGS = (_tags(ID_KEYWORDS), _tags(DATE_KEYWORDS), _tags(TEXT_KEYWORDS), _tags(ORG_KEYWORDS))
+    return frozenset().union(*_ID_TAGS)
+
+
 def extract(ds: Dataset) -> PhiContext:
     global _ID_TAGS
     if _ID_TAGS is None:
@@ -117,6 +125,18 @@ def _collect(ds: Dataset, depth: int, kinds: dict, names: list) -> None:
             kind = kinds.get(t)
             if kind is None:
                 continue
+        # the values without converting the element where that gives the same strings (it
+        # stays as read; the tag stage converts it if it keeps it, see tags._walk)
+        parts = text_parts(ds, elem)
+        if parts is not None:
+            if kind is names:
+                for p in parts:
+                    for v in _values(p):
+                        names.extend(_name_components(v))
+            else:
+                for p in parts:
+                    kind.extend(_values(p))
+            continue
         try:
             value = element(ds, tag).value
         except Exception:

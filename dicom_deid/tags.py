@@ -341,6 +341,8 @@ def _walk(ds: Dataset, path: tuple, ctx: _Ctx, cleaning: bool = False) -> None:
             removed += 1
             continue
         if t == SPECIFIC_CHARSET or group == 0x0002:
+            if fast and raw.VR in _PHI_TEXT_VRS:
+                _keep_converted(ds, tag, t, raw)
             continue
         if overrides_std:
             ovs = overrides_std.get(t)
@@ -370,6 +372,8 @@ def _walk(ds: Dataset, path: tuple, ctx: _Ctx, cleaning: bool = False) -> None:
             if vr is not None and vr not in _UNLISTED_NEEDS_VALUE and not (
                     cleaning and (vr in _TEXT_VRS or vr == "PN")):
                 kept += 1  # what _unlisted does for such an element, unconverted
+                if vr in _PHI_TEXT_VRS:
+                    _keep_converted(ds, tag, t, raw)
                 continue
             if fast and vr is None and t in BULK_TAGS:
                 # pixel/waveform data read with implicit VR ("OB or OW"): kept as read;
@@ -402,6 +406,8 @@ def _walk(ds: Dataset, path: tuple, ctx: _Ctx, cleaning: bool = False) -> None:
                     removed += 1
                 else:
                     kept += 1
+                    if vr in _PHI_TEXT_VRS:
+                        _keep_converted(ds, tag, t, raw)
                 continue
             if action == "Z" or action == "D" and vr in _DUMMY and not (vr in _DATES and rules.shift_dates):
                 # emptied or a dummy: the old value is not needed (what _apply does, unconverted)
@@ -417,6 +423,26 @@ def _walk(ds: Dataset, path: tuple, ctx: _Ctx, cleaning: bool = False) -> None:
     c = ctx.counts
     c.removed += removed
     c.kept += kept
+
+
+#: VRs whose identifying values the read collects without converting them (dsutil.text_parts)
+_PHI_TEXT_VRS = frozenset({"PN", "LO", "SH"})
+_PHI_TAGS: Optional[frozenset] = None
+
+
+def _keep_converted(ds: Dataset, tag, t: int, raw) -> None:
+    """A kept element whose identifying value the read collected: converted as the read did
+    before it collected values without converting (dsutil.text_parts), so that the element
+    is written as it always was (pydicom writes a converted element from its value)."""
+    global _PHI_TAGS
+    if _PHI_TAGS is None:
+        from .phi import collected_tags
+        _PHI_TAGS = collected_tags()
+    vr = raw.VR
+    if vr is None:
+        vr = vr_of(t, raw)
+    if vr == "PN" or t in _PHI_TAGS and vr in _PHI_TEXT_VRS:
+        element(ds, tag)
 
 
 #: unlisted elements whose value _unlisted must see (remapped UIDs, shifted dates, items)
