@@ -43,6 +43,11 @@ def _run_parser(sub) -> argparse.ArgumentParser:
                    help="skip inputs an earlier --incremental run finished with the same version "
                         "(generation/ETag, else size+mtime); record finished inputs under the private "
                         "prefix so a killed run resumes")
+    p.add_argument("--pseudonym-map", choices=("auto", "scan"), default="auto",
+                   help="auto (default): plain HMAC runs build no map first (one read per input, "
+                        "processing starts at once, the store lock is held until the run's new "
+                        "patients are stored); scan: read every header first, as sequential IDs, "
+                        "lookup tables and exclusions always do (the lock is held only for that)")
     p.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
     p.add_argument("--no-progress", action="store_true", help="no progress lines")
     return p
@@ -98,7 +103,8 @@ def parse_run(argv: Sequence[str]):
                       strict=args.strict, run_id=args.run_id,
                       max_input_bytes=args.max_input_bytes or DEFAULT_MAX_INPUT_BYTES,
                       progress=not args.no_progress, lookup_table=args.lookup_table,
-                      exclusions=args.exclusions, incremental=args.incremental)
+                      exclusions=args.exclusions, incremental=args.incremental,
+                      pseudonym_map=args.pseudonym_map)
     return cfg, beam_args
 
 

@@ -49,6 +49,9 @@ class RunConfig:
     exclusions: Optional[str] = None
     #: skip inputs finished before with the same version; record finished inputs (resumable)
     incremental: bool = False
+    #: "auto": direct map where the strategy allows (pseudonyms.Settings.needs_scan);
+    #: "scan": always scan every header first (the store lock is then held only for that)
+    pseudonym_map: str = "auto"
 
     @property
     def run(self) -> manifest.RunInfo:
@@ -73,7 +76,8 @@ def make_config(inputs, output: str, private: str, policy: Optional[str] = None,
                 key: Optional[str] = None, strict: bool = False, run_id: Optional[str] = None,
                 max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES, progress: bool = True,
                 create_key: bool = True, lookup_table: Optional[str] = None,
-                exclusions: Optional[str] = None, incremental: bool = False) -> RunConfig:
+                exclusions: Optional[str] = None, incremental: bool = False,
+                pseudonym_map: str = "auto") -> RunConfig:
     if not inputs:
         raise ConfigError("at least one --input pattern is required")
     output, private = _norm(output), _norm(private)
@@ -105,6 +109,8 @@ def make_config(inputs, output: str, private: str, policy: Optional[str] = None,
     if pol.strategy == "lookup" and not lookup_table:
         raise ConfigError(f"policy {pol.label} uses pseudonym strategy 'lookup': pass --lookup-table FILE")
     pseudonyms.validate_tables(lookup_table, exclusions)
+    if pseudonym_map not in ("auto", "scan"):
+        raise ConfigError("--pseudonym-map must be auto or scan")
     # local patterns made absolute here, not on workers (another working directory); an
     # input's identity (input_key) is its canonical URI: see storage.canonical_uri
     from . import storage
@@ -112,4 +118,5 @@ def make_config(inputs, output: str, private: str, policy: Optional[str] = None,
     return RunConfig(inputs=inputs, output=output, private=private, policy=pol,
                      key_ref=key_ref, run_id=run_id or new_run_id(), strict=strict,
                      max_input_bytes=max_input_bytes, progress=progress, key_created=created,
-                     lookup_table=lookup_table, exclusions=exclusions, incremental=incremental)
+                     lookup_table=lookup_table, exclusions=exclusions, incremental=incremental,
+                     pseudonym_map=pseudonym_map)

@@ -211,6 +211,18 @@ class Settings:
     sequential_digits: int = 6
     lookup_table: Optional[str] = None
     exclusions: Optional[str] = None
+    #: scan every header first even where the strategy does not need it (--pseudonym-map scan)
+    force_scan: bool = False
+
+    @property
+    def needs_scan(self) -> bool:
+        """Whether the map must be built from a scan of every input before any object is
+        de-identified. Only a run whose every entry is either already in the store or the
+        keyed derivation can skip it (plain ``hmac``, no lookup table, no exclusion list):
+        sequential numbers, lookup tables and exclusions need all of the run's patients
+        first."""
+        return (self.force_scan or self.strategy != "hmac" or bool(self.lookup_table)
+                or bool(self.exclusions))
 
     @classmethod
     def from_run_config(cls, cfg) -> "Settings":
@@ -221,7 +233,8 @@ class Settings:
                    sequential_prefix=getattr(pol, "sequential_prefix", "P"),
                    sequential_digits=getattr(pol, "sequential_digits", 6),
                    lookup_table=getattr(cfg, "lookup_table", None),
-                   exclusions=getattr(cfg, "exclusions", None))
+                   exclusions=getattr(cfg, "exclusions", None),
+                   force_scan=getattr(cfg, "pseudonym_map", "auto") == "scan")
 
 
 def store_dir(private: str) -> str:
@@ -667,8 +680,10 @@ class StoreLock:
 
     The launcher takes the lock before the pipeline starts and a daemon thread renews it
     every quarter lease; the pipeline releases it (:func:`release_from_pipeline`) as soon
-    as its new store entries are written, at the end of stage 1, so runs on one store take
-    turns for the store read, decisions and part files, and overlap for the content stages.
+    as its new store entries are written: with the scanned map at the end of stage 1, so
+    runs on one store take turns for the store read, decisions and part files and overlap
+    for the content stages; with the direct map after the content stages (its decisions are
+    made while objects are de-identified), so such runs take turns for the whole run.
     Store writes are fenced (:func:`check_store_holder`). The part files stay immutable and
     appear whole, so readers (``link export``, tools, a run's store read) need no lock.
     Tickets carry the run id, a random token and times only.

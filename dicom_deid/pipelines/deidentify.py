@@ -7,6 +7,16 @@
         SOP UID, commit)
     every stage: main + outcome + dead_letter -> WriteManifest (public) / WriteDeadLetters,
     WriteLinkage (private)
+
+The pseudonym map comes one of two ways (``pseudonyms.Settings.needs_scan``):
+
+* scanned (sequential IDs, a lookup table or an exclusion list): every input's header is
+  read first (ScanHeaders -> BuildPseudonymMap); the map holds this run's patients, written
+  to the store before any object is read.
+* direct (plain HMAC, the default): no scan; the map is the store's exceptions only
+  (StoreOverrides), objects are de-identified as soon as the store is read, DeidentifyTags
+  reports patients the map lacks and CommitNewPatients stores them; WriteDicom publishes
+  only after that. Both give the same outputs and the same store.
 """
 
 from __future__ import annotations
@@ -32,7 +42,9 @@ from ..transforms.attachments import CleanAttachments
 from ..transforms.common import DEAD_LETTER, MAIN, OUTCOME
 from ..pseudonyms import Settings as PseudonymSettings
 from ..transforms.pixels import CleanPixels
-from ..transforms.pseudonyms import MAP as PSEUDONYM_MAP, BuildPseudonymMap, ScanHeaders
+from ..transforms.pseudonyms import (DONE as STORE_DONE, MAP as PSEUDONYM_MAP, NEW_PATIENTS,
+                                     STORE as PSEUDONYM_STORE, BuildPseudonymMap, CommitNewPatients,
+                                     ScanHeaders, StoreOverrides)
 from ..transforms.read import MatchInputs, ReadDicom
 from ..transforms.sinks import WriteDeadLetters, WriteLinkage, WriteManifest
 from ..transforms.tags import DeidentifyTags
@@ -128,12 +140,20 @@ def build(p: beam.Pipeline, cfg: RunConfig, progress_dir: Optional[str] = None, 
     if cfg.incremental:  # skip what earlier runs finished; recover rows of interrupted runs
         skipped = refs | "SkipFinished" >> incremental.SkipFinished(run, cfg.key_ref, cfg.policy.label)
         refs, recovered = skipped[MAIN], skipped[OUTCOME]
+    settings = PseudonymSettings.from_run_config(cfg)
     require_entry = pseudonyms is None
-    if pseudonyms is None:
+    direct = pseudonyms is None and not settings.needs_scan
+    if direct:
+        # plain HMAC run: every entry is the store's or the derivation, so no input is
+        # scanned first; the map holds only the store's exceptions, and the new patients
+        # reach the store before anything is published (CommitNewPatients)
+        known = p | "ReadPseudonymStore" >> StoreOverrides(cfg.key_ref, settings)
+        pseudonyms, require_entry = known[PSEUDONYM_MAP], False
+    elif pseudonyms is None:
         # stage 1: header scan -> pseudonym map (store, lookup table, exclusions; HMACs only)
         scanned = refs | "ScanHeaders" >> ScanHeaders(cfg.key_ref, cfg.policy.person_key)
         pseudonyms = (scanned | "BuildPseudonymMap" >> BuildPseudonymMap(
-            run, cfg.key_ref, PseudonymSettings.from_run_config(cfg)))[PSEUDONYM_MAP]
+            run, cfg.key_ref, settings))[PSEUDONYM_MAP]
     # barrier: reading starts once the map is complete, so ReadDicom and DeidentifyTags fuse
     # into one stage after it (without it a runner would split them and try to encode the
     # objects, which their coder refuses); only FileRefs are materialised in between
@@ -141,11 +161,15 @@ def build(p: beam.Pipeline, cfg: RunConfig, progress_dir: Optional[str] = None, 
     refs = refs | "AfterPseudonymMap" >> beam.Map(lambda ref, _n: ref, beam.pvalue.AsSingleton(map_size))
     read = refs | "ReadDicom" >> ReadDicom(run, cfg.key_ref, cfg.max_input_bytes)
     tagged = read[MAIN] | "DeidentifyTags" >> DeidentifyTags(run, cfg.policy, cfg.key_ref, pseudonyms,
-                                                             require_entry=require_entry)
+                                                             require_entry=require_entry, report_new=direct)
+    store_done = None
+    if direct:
+        store_done = ({"new": tagged[NEW_PATIENTS], "store": known[PSEUDONYM_STORE]}
+                      | "CommitNewPatients" >> CommitNewPatients(run, cfg.key_ref, settings))[STORE_DONE]
     pixels = tagged[MAIN] | "CleanPixels" >> CleanPixels(run, cfg.policy)
     attach = pixels[MAIN] | "CleanAttachments" >> CleanAttachments(run, cfg.policy)
     verified = attach[MAIN] | "VerifyNoPHI" >> VerifyNoPHI(run)
-    written = verified[MAIN] | "WriteDicom" >> WriteDicom(run)
+    written = verified[MAIN] | "WriteDicom" >> WriteDicom(run, after=store_done)
 
     stages = (read, tagged, pixels, attach, verified)
     outcome_parts = [s[OUTCOME] for s in stages] + [written[OUTCOME]]

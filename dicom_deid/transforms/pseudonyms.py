@@ -375,6 +375,116 @@ class BuildPseudonymMap(beam.PTransform):
                 "numbered": numbered, "grouped": grouped}
 
 
+# ----------------------------------------------------------------------------- direct mode
+
+#: DeidentifyTags' output of ``(patient key HMAC, entry)`` for patients without a store entry
+NEW_PATIENTS = "new_patients"
+STORE = "store"
+DONE = "done"
+
+
+def _latest_kv(kv):
+    pk, rows = kv
+    return pk, ps.latest(rows)
+
+
+class _OverridesFn(beam.DoFn):
+    """(HMAC, latest store row) -> (HMAC, entry) only where the entry is not what the keyed
+    derivation gives today (lookup or sequential history, another offset range)."""
+
+    def __init__(self, key_ref, settings: ps.Settings):
+        self._key_ref, self._settings = key_ref, settings
+
+    def setup(self):
+        self._deriver = keys.Deriver(keys.resolve(self._key_ref), self._settings.date_offset_days)
+        self._n = counter("pseudonyms", "store_overrides")
+
+    def process(self, kv):
+        pk, row = kv
+        entry = ps.entry_of(row)
+        if (entry["pseudonym"] != self._deriver.pseudonym(pk)
+                or entry["date_offset_days"] != self._deriver.date_offset_days(pk)):
+            self._n.inc()
+            yield pk, entry
+
+
+class StoreOverrides(beam.PTransform):
+    """Direct mode (``Settings.needs_scan`` is false): the store -> ``{"map": (HMAC, entry)
+    for the stored patients whose entry the derivation would not give, "store": (HMAC,
+    row)}``. No input is read: the map is ready as soon as the store is, so de-identification
+    starts without a header scan of every input, and the side input holds only exceptions
+    (empty for a store of plain HMAC entries, however large). ``store`` is the latest row
+    per stored patient (shuffled once, joined with the run's new patients later)."""
+
+    def __init__(self, key_ref: keys.KeyRef, settings: ps.Settings):
+        super().__init__()
+        self._key_ref, self._s = key_ref, settings
+
+    def expand(self, pbegin):
+        s = self._s
+        store = (pbegin | "MatchStore" >> fileio.MatchFiles(f"{s.store_dir}/part-*.parquet",
+                                                            empty_match_treatment=EmptyMatchTreatment.ALLOW)
+                 | "StorePaths" >> beam.Map(lambda m: m.path)
+                 | "SpreadParts" >> beam.Reshuffle()
+                 | "ReadStore" >> beam.ParDo(_ReadStoreFn(self._key_ref)))
+        latest = store | "RowsPerPatient" >> beam.GroupByKey() | "Latest" >> beam.Map(_latest_kv)
+        overrides = latest | "NotDerivable" >> beam.ParDo(_OverridesFn(self._key_ref, s))
+        return {MAP: overrides, STORE: latest}
+
+
+def _first_entry(entries):
+    return next(iter(entries), None)
+
+
+def _unstored(kv):
+    """(HMAC, {new: [entry], store: [row]}) -> (HMAC, entry) when the store has none."""
+    pk, g = kv
+    if g["store"]:
+        return
+    entries = list(g["new"])
+    if entries:
+        yield pk, entries[0]
+
+
+class _NewRowFn(beam.DoFn):
+    def __init__(self, run_id, key_ref):
+        self._run_id, self._key_ref = run_id, key_ref
+
+    def setup(self):
+        self._fp = keys.Deriver(keys.resolve(self._key_ref)).key_fingerprint()
+
+    def process(self, kv):
+        pk, entry = kv
+        row = ps.store_row(pk, entry["pseudonym"], entry["date_offset_days"], "hmac", self._fp, self._run_id)
+        yield ps.shard_of(pk), (pk, entry, row)
+
+
+class CommitNewPatients(beam.PTransform):
+    """Direct mode: ``{"new": (HMAC, entry) from DeidentifyTags, "store": (HMAC, row)}`` ->
+    the store's new part files (patients not stored yet), then the lease is released.
+    Returns ``{"map": committed (HMAC, entry), "done": their count}``: ``WriteDicom``
+    publishes only after ``done``, so every pseudonym an output carries is in the store
+    (the same invariant as the scanned map's, moved from before reading to before publishing).
+    """
+
+    def __init__(self, run: manifest.RunInfo, key_ref: keys.KeyRef, settings: ps.Settings):
+        super().__init__()
+        self._run, self._key_ref, self._s = run, key_ref, settings
+
+    def expand(self, pcolls):
+        run_id, ref, s = self._run.run_id, self._key_ref, self._s
+        new = (pcolls["new"] | "OnePerPatient" >> beam.CombinePerKey(_first_entry))
+        committed = ({"new": new, "store": pcolls["store"]}
+                     | "JoinStore" >> beam.CoGroupByKey()
+                     | "NotInStore" >> beam.FlatMap(_unstored)
+                     | "StoreRows" >> beam.ParDo(_NewRowFn(run_id, ref))
+                     | "GroupShards" >> beam.GroupByKey()
+                     | "CommitStore" >> beam.ParDo(_CommitStoreFn(run_id, ref, s.store_dir)))
+        done = committed | "MapEntriesCommitted" >> beam.combiners.Count.Globally()
+        _ = done | "ReleaseStoreLock" >> beam.ParDo(_ReleaseStoreLockFn(run_id, s.store_dir))
+        return {MAP: committed, DONE: done}
+
+
 # ----------------------------------------------------------------------------- routing
 
 def route_by_map(run: manifest.RunInfo, obj, entry: Optional[dict], required: bool):
@@ -397,4 +507,5 @@ def route_by_map(run: manifest.RunInfo, obj, entry: Optional[dict], required: bo
     return quarantine(run, obj, "tags", entry.get("reason") or ps.PSEUDONYM_MISSING)
 
 
-__all__ = ["ScanHeaders", "BuildPseudonymMap", "route_by_map", "scan_header", "MAP"]
+__all__ = ["ScanHeaders", "BuildPseudonymMap", "StoreOverrides", "CommitNewPatients", "route_by_map",
+           "scan_header", "MAP", "NEW_PATIENTS", "STORE", "DONE"]

@@ -59,17 +59,21 @@ def discard(staged: str) -> None:
 class WriteDicom(beam.PTransform):
     """Verified DicomObjects -> published objects. Outputs: outcome, dead_letter, linkage."""
 
-    def __init__(self, run: manifest.RunInfo):
+    def __init__(self, run: manifest.RunInfo, after=None):
         super().__init__()
         self._run = run
+        #: optional PCollection of one element: nothing is published before it exists (the
+        #: pseudonym store's new entries, in direct mode; see CommitNewPatients)
+        self._after = after
 
     def expand(self, objects):
         staged = objects | "Stage" >> beam.ParDo(_StageFn(self._run)).with_outputs(
             OUTCOME, DEAD_LETTER, LINKAGE, main=MAIN)
+        side = {} if self._after is None else {"_after": beam.pvalue.AsSingleton(self._after)}
         committed = (
             staged[MAIN]
             | "BySopUid" >> beam.GroupByKey()
-            | "Commit" >> beam.ParDo(_CommitFn(self._run))
+            | "Commit" >> beam.ParDo(_CommitFn(self._run), **side)
         )
         outcomes = (staged[OUTCOME], committed) | "Outcomes" >> beam.Flatten()
         # OUTCOME_PARTS: the producers of ``outcomes`` before the Flatten, for consumers that
@@ -137,7 +141,7 @@ class _CommitFn(beam.DoFn):
         self._dup = counter("write", "duplicates")
         self._conflict = counter("write", "sop_uid_conflicts")
 
-    def process(self, element):
+    def process(self, element, _after=None):
         _sop, records = element
         records = sorted(records, key=lambda r: r["input_key"])
         winner = records[0]
