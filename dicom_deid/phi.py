@@ -65,6 +65,11 @@ def _name_components(pn_text: str) -> list[tuple[str, ...]]:
     return out
 
 
+#: PatientID, IssuerOfPatientID, OtherPatientIDs: the person key reads them next (converted
+#: there anyway), so they are converted here, on the shorter path
+_PERSON_KEY_TAGS = frozenset({0x00100020, 0x00100021, 0x00101000})
+
+
 def collected_tags() -> frozenset:
     """Every tag whose value :func:`extract` collects (besides any element of VR PN)."""
     global _ID_TAGS
@@ -127,7 +132,7 @@ def _collect(ds: Dataset, depth: int, kinds: dict, names: list) -> None:
                 continue
         # the values without converting the element where that gives the same strings (it
         # stays as read; the tag stage converts it if it keeps it, see tags._walk)
-        parts = text_parts(ds, elem)
+        parts = text_parts(ds, elem) if t not in _PERSON_KEY_TAGS else None
         if parts is not None:
             if kind is names:
                 for p in parts:

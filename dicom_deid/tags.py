@@ -819,6 +819,8 @@ def _set(ds: Dataset, tag: int, keyword: str, value) -> None:
         else:
             ds._dict[elem.tag] = elem
         return
+    if replace_value(ds, tag, value):  # the old value is not needed
+        return
     elem = element(ds, tag, raw)
     if elem.VR == "SQ":
         setattr(ds, keyword, value)
