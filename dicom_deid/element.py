@@ -131,3 +131,17 @@ class Outcome:
     @property
     def status(self) -> str:
         return self.row["status"]
+
+    def __reduce__(self):
+        # encoded (pickled) when it crosses a stage boundary: the row goes as its values in
+        # column order, compressed (``manifest.pack_row``), a third of a pickled dict
+        from . import manifest
+        packed = manifest.pack_row(self.row)
+        if packed is None:
+            return (Outcome, (self.row, self.private))
+        return (_outcome_from_packed, (packed, self.private))
+
+
+def _outcome_from_packed(packed: bytes, private: dict) -> Outcome:
+    from . import manifest
+    return Outcome(manifest.unpack_row(packed), private)

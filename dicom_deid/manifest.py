@@ -15,6 +15,9 @@ logical table. The current state of an input is its latest row::
 from __future__ import annotations
 
 import datetime as _dt
+import pickle as _pickle
+import zlib as _zlib
+from typing import Optional
 
 import pyarrow as pa
 
@@ -140,6 +143,22 @@ def row(run, input_key: str, status: str, **fields) -> dict:
         if r[k] is None:
             r[k] = []
     return r
+
+
+def pack_row(row: dict) -> Optional[bytes]:
+    """A complete manifest row as compact bytes: its values in column order (no names),
+    pickled and compressed; None when ``row`` is not exactly one complete row.
+
+    How outcomes cross stage boundaries and shuffles (``element.Outcome.__reduce__``): the
+    local runner keeps every row of a run in the launcher's memory between stages, and this
+    is about a third of a pickled dict."""
+    if len(row) != len(COLUMNS) or any(c not in row for c in COLUMNS):
+        return None
+    return _zlib.compress(_pickle.dumps(tuple(row[c] for c in COLUMNS), protocol=5), 1)
+
+
+def unpack_row(data: bytes) -> dict:
+    return dict(zip(COLUMNS, _pickle.loads(_zlib.decompress(data))))
 
 
 def linkage_row(run_id: str, **fields) -> dict:

@@ -15,6 +15,11 @@ from apache_beam.io.parquetio import WriteToParquet
 
 from .. import manifest
 
+#: bytes of rows a Parquet writer buffers before it writes them as a row group. Beam's
+#: default (64 MB) keeps every row of a local run's bundle (the whole run) in the worker
+#: until the file closes; 4 MB is still several thousand rows per group.
+ROW_GROUP_BYTES = 4 * 1024 * 1024
+
 
 class WriteManifest(beam.PTransform):
     """Outcome rows -> ``{output}/manifest/run-{id}/part-*.parquet``."""
@@ -29,7 +34,7 @@ class WriteManifest(beam.PTransform):
             rows = rows | "Progress" >> beam.ParDo(_ProgressFn(self._progress))
         return rows | "Parquet" >> WriteToParquet(
             f"{self._run.manifest_dir()}/part", schema=manifest.SCHEMA, file_name_suffix=".parquet",
-            codec="zstd")
+            codec="zstd", row_group_buffer_size=ROW_GROUP_BYTES)
 
 
 class WriteLinkage(beam.PTransform):
@@ -42,7 +47,7 @@ class WriteLinkage(beam.PTransform):
     def expand(self, rows):
         return rows | "Parquet" >> WriteToParquet(
             f"{self._run.private_dir('linkage')}/part", schema=manifest.LINKAGE_SCHEMA,
-            file_name_suffix=".parquet", codec="zstd")
+            file_name_suffix=".parquet", codec="zstd", row_group_buffer_size=ROW_GROUP_BYTES)
 
 
 class WriteDeadLetters(beam.PTransform):

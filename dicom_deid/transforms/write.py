@@ -4,7 +4,13 @@
    ``{output}/.staging/run-{id}/{input_key}.dcm`` and emits a small record keyed by the new
    SOP Instance UID (a keyed UID: no PHI), plus the private linkage row.
 2. ``GroupByKey`` on the new SOP UID brings together every input that would land on one
-   output path (only those small records cross the shuffle).
+   output path (only those small records cross the shuffle). A record is one compact bytes
+   value (``_pack``): the local runner holds every record of the run in the launcher's
+   memory until the shuffle is read, and a bytes value costs there about a quarter of a
+   dict of the same row. A failure while staging crosses the same shuffle (keyed
+   ``!{input_key}``, never a SOP UID), so ``Commit`` emits every outcome of this transform
+   and no Flatten is needed after it (each Flatten of the local runner is one more pass of
+   every row through the launcher).
 3. ``Commit`` orders each group by input key: the first one is published (local: rename;
    object stores: server-side copy of the staged object, which appears atomically, then
    delete); a later input with the same content fingerprint is ``duplicate``; one with other
@@ -16,6 +22,8 @@
 from __future__ import annotations
 
 import os
+import pickle
+import zlib
 
 import apache_beam as beam
 
@@ -26,6 +34,21 @@ from .common import DEAD_LETTER, MAIN, OUTCOME, TRANSIENT, ObjectStageFn, counte
 LINKAGE = "linkage"
 OUTCOME_PARTS = "outcome_parts"
 SOP_UID_CONFLICT = "sop_uid_conflict"
+#: key prefix of failures that cross the shuffle (SOP UIDs are digits and dots)
+_FAILED_KEY = "!"
+
+
+def _pack(input_key: str, row: dict) -> bytes:
+    """A staged record as one compact bytes value: the input key and the row's values in
+    manifest column order (no column names). ``row`` holds manifest columns only."""
+    values = tuple(row.get(c) for c in manifest.COLUMNS)
+    return zlib.compress(pickle.dumps((input_key, values), protocol=5), 1)
+
+
+def _unpack(data: bytes) -> tuple[str, dict]:
+    """-> (input key, row); a column that was None is left out (``manifest.row`` fills it)."""
+    input_key, values = pickle.loads(zlib.decompress(data))
+    return input_key, {c: v for c, v in zip(manifest.COLUMNS, values) if v is not None}
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -75,10 +98,12 @@ class WriteDicom(beam.PTransform):
             | "BySopUid" >> beam.GroupByKey()
             | "Commit" >> beam.ParDo(_CommitFn(self._run), **side)
         )
-        outcomes = (staged[OUTCOME], committed) | "Outcomes" >> beam.Flatten()
-        # OUTCOME_PARTS: the producers of ``outcomes`` before the Flatten, for consumers that
-        # must fuse with them (the incremental record is written as commits happen)
-        return {OUTCOME: outcomes, DEAD_LETTER: staged[DEAD_LETTER], LINKAGE: staged[LINKAGE],
+        # every outcome comes out of Commit (staging failures cross the shuffle too), so no
+        # Flatten: each one costs the local runner another pass of every row through the
+        # launcher. OUTCOME_PARTS: the producers of the outcomes, for consumers that must fuse
+        # with them (the incremental record is written as commits happen); ``_staged`` stays
+        # for them and is empty.
+        return {OUTCOME: committed, DEAD_LETTER: staged[DEAD_LETTER], LINKAGE: staged[LINKAGE],
                 OUTCOME_PARTS + "_staged": staged[OUTCOME], OUTCOME_PARTS + "_committed": committed}
 
 
@@ -88,6 +113,14 @@ class _StageFn(ObjectStageFn):
 
     def setup(self):
         self._staged = counter("write", "objects_staged")
+
+    def process(self, obj, *args, **kwargs):
+        for out in super().process(obj, *args, **kwargs):
+            if isinstance(out, beam.pvalue.TaggedOutput) and out.tag == OUTCOME:
+                # a staging failure: its row crosses the shuffle beside the records
+                yield (_FAILED_KEY + out.value.row["input_key"], out.value)
+            else:
+                yield out
 
     def handle(self, obj):
         try:
@@ -113,7 +146,7 @@ class _StageFn(ObjectStageFn):
         cols = {k: v for k, v in f.items() if k in manifest.COLUMNS}
         cols.update(content_fingerprint=obj.fingerprint, output_path=final, output_size=size,
                     output_sha256=sha)
-        record = {"input_key": obj.ref.input_key, "staged": staged, "row": cols}
+        record = _pack(obj.ref.input_key, cols)  # the staged path follows from the input key
         p = obj.private
         link = manifest.linkage_row(
             self._run.run_id, input_key=obj.ref.input_key, input_uri=obj.ref.uri,
@@ -142,8 +175,13 @@ class _CommitFn(beam.DoFn):
         self._conflict = counter("write", "sop_uid_conflicts")
 
     def process(self, element, _after=None):
-        _sop, records = element
-        records = sorted(records, key=lambda r: r["input_key"])
+        key, values = element
+        if isinstance(key, str) and key.startswith(_FAILED_KEY):
+            yield from values  # failures while staging: their outcomes, as they were
+            return
+        records = sorted((_unpack(v) for v in values), key=lambda r: r[0])
+        staging = self._run.staging_dir()
+        records = [{"input_key": k, "staged": f"{staging}/{k}.dcm", "row": row} for k, row in records]
         winner = records[0]
         final = winner["row"]["output_path"]
         try:
@@ -163,7 +201,7 @@ class _CommitFn(beam.DoFn):
                     else:
                         discard(rec["staged"])
                         status, extra = QUARANTINED, {"stage": "write", "reason": SOP_UID_CONFLICT}
-                elif rec["row"]["content_fingerprint"] == winner["row"]["content_fingerprint"]:
+                elif rec["row"].get("content_fingerprint") == winner["row"].get("content_fingerprint"):
                     discard(rec["staged"])
                     status, extra = DUPLICATE, {"stage": "write", "reason": "identical_input"}
                 else:
