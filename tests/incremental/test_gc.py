@@ -12,12 +12,11 @@ import sys
 import time
 
 import pytest
-from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from dicom_deid import housekeeping as hk
 from dicom_deid import sample, storage
 from tests.conftest import write_key
+from tests.storage import servers
 from tests.storage.conftest import base_env
 
 HOUR = 3600.0
@@ -105,11 +104,7 @@ def _names(prefix: str) -> set:
 @pytest.fixture
 def point_at(monkeypatch):
     def use(store):
-        storage.reset_clients()
-        monkeypatch.setattr(FileSystems, "_pipeline_options", PipelineOptions(store.beam_args()))
-        if store.scheme == "gs":
-            monkeypatch.setenv("STORAGE_EMULATOR_HOST", store.proxy.url)
-        store.proxy.reset()
+        servers.point_storage_at(store, monkeypatch)
     yield use
     storage.reset_clients()
 

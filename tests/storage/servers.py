@@ -162,6 +162,19 @@ def gcs_client(endpoint: str):
                           client_options={"api_endpoint": endpoint})
 
 
+def point_storage_at(store, monkeypatch) -> None:
+    """Point this process's storage clients (ours and Beam's FileSystems) at one test
+    store, through its proxy; ``storage.reset_clients()`` undoes it."""
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from dicom_deid import storage
+    storage.reset_clients()
+    monkeypatch.setattr(FileSystems, "_pipeline_options", PipelineOptions(store.beam_args()))
+    if store.scheme == "gs":
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", store.proxy.url)
+    store.proxy.reset()
+
+
 def s3_beam_args(endpoint: str) -> list[str]:
     return [f"--s3_endpoint_url={endpoint}", f"--s3_region_name={S3_REGION}",
             f"--s3_access_key_id={S3_KEY_ID}", f"--s3_secret_access_key={S3_SECRET}"]

@@ -13,9 +13,9 @@ import re
 import pytest
 from apache_beam.io.filesystem import FileSystem
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from dicom_deid import storage
+from tests.storage import servers
 
 NAME = "Smith^John 1970"
 TREE = ["top.dcm", "top.txt", "a/1.dcm", "a/2.dcm", "a/x.txt", "a/b/3.dcm", "a/b/c/4.dcm", "a/b/c/d/5.dcm",
@@ -138,11 +138,7 @@ def full_rx_ok(pat, full):
 @pytest.fixture
 def in_store(request, monkeypatch):
     def use(store):
-        storage.reset_clients()
-        monkeypatch.setattr(FileSystems, "_pipeline_options", PipelineOptions(store.beam_args()))
-        if store.scheme == "gs":
-            monkeypatch.setenv("STORAGE_EMULATOR_HOST", store.proxy.url)
-        store.proxy.reset()
+        servers.point_storage_at(store, monkeypatch)
         return store
     yield use
     storage.reset_clients()

@@ -24,11 +24,7 @@ TREE = ["a/1.dcm", "a/2.dcm", "a/x.txt", "a/b/3.dcm", "a/b/c/4.dcm", "ab/5.dcm",
 def in_store(request, monkeypatch):
     """Point this process's storage clients at one store (through its proxy)."""
     def use(store):
-        storage.reset_clients()
-        monkeypatch.setattr(FileSystems, "_pipeline_options", PipelineOptions(store.beam_args()))
-        if store.scheme == "gs":
-            monkeypatch.setenv("STORAGE_EMULATOR_HOST", store.proxy.url)
-        store.proxy.reset()
+        servers.point_storage_at(store, monkeypatch)
         return store
     yield use
     storage.reset_clients()
