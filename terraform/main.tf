@@ -25,6 +25,7 @@ locals {
     lookup_table    = var.lookup_table
     exclusions      = var.exclusions
     incremental     = tostring(var.incremental)
+    pseudonym_map   = var.pseudonym_map
   }
   parameters = { for k, v in local.pipeline_parameters : k => v if v != "" }
   environment = {

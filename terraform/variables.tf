@@ -139,3 +139,13 @@ variable "incremental" {
   type        = bool
   default     = false
 }
+
+variable "pseudonym_map" {
+  description = "auto (plain HMAC runs skip the header scan; runs on one private prefix then queue) or scan (header scan first; the store lock is held only for it, so runs overlap)."
+  type        = string
+  default     = "auto"
+  validation {
+    condition     = contains(["auto", "scan"], var.pseudonym_map)
+    error_message = "pseudonym_map must be auto or scan."
+  }
+}

@@ -101,6 +101,7 @@ def test_every_parameter_has_help_and_a_regex_that_validates():
         "lookup_table": ("gs://deid-private/tables/ids.csv", "gs://deid-private/tables/ids.xlsx"),
         "exclusions": ("gs://deid-private/tables/opt-outs.parquet", "opt-outs.csv"),
         "incremental": ("false", "1"),
+        "pseudonym_map": ("scan", "always"),
     }
     required = {a.dest for a in run_parser()._actions
                 if getattr(a, "required", False)}
