@@ -105,6 +105,22 @@ def clean_proxies(request):
             request.getfixturevalue(name).proxy.reset()
 
 
+@pytest.fixture
+def in_store(request, monkeypatch):
+    """Point this process's storage clients at one store (through its proxy); undone, with
+    the proxies' faults, after the test."""
+    from dicom_deid import storage
+
+    def use(store):
+        servers.point_storage_at(store, monkeypatch)
+        return store
+    yield use
+    storage.reset_clients()
+    for name in ("s3_store", "gs_store"):
+        if name in request.fixturenames:
+            request.getfixturevalue(name).proxy.reset()
+
+
 def base_env() -> dict:
     env = dict(os.environ)
     env.pop("STORAGE_EMULATOR_HOST", None)

@@ -15,7 +15,6 @@ from apache_beam.io.filesystem import FileSystem
 from apache_beam.io.filesystems import FileSystems
 
 from dicom_deid import storage
-from tests.storage import servers
 
 NAME = "Smith^John 1970"
 TREE = ["top.dcm", "top.txt", "a/1.dcm", "a/2.dcm", "a/x.txt", "a/b/3.dcm", "a/b/c/4.dcm", "a/b/c/d/5.dcm",
@@ -135,15 +134,6 @@ def full_rx_ok(pat, full):
 
 
 # --- buckets ----------------------------------------------------------------------------------
-@pytest.fixture
-def in_store(request, monkeypatch):
-    def use(store):
-        servers.point_storage_at(store, monkeypatch)
-        return store
-    yield use
-    storage.reset_clients()
-
-
 @pytest.mark.parametrize("scheme", ["s3", "gs"])
 def test_bucket_split_listing_lists_the_same_objects_once(scheme, request, in_store, tree, monkeypatch):
     store = in_store(request.getfixturevalue(f"{scheme}_store"))

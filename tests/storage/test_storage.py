@@ -14,23 +14,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from dicom_deid import sample, storage
 from dicom_deid.errors import StorageError
-from tests.storage import servers
 
 TREE = ["a/1.dcm", "a/2.dcm", "a/x.txt", "a/b/3.dcm", "a/b/c/4.dcm", "ab/5.dcm", "z.dcm",
         "a/Smith^John 6.dcm"]
-
-
-@pytest.fixture
-def in_store(request, monkeypatch):
-    """Point this process's storage clients at one store (through its proxy)."""
-    def use(store):
-        servers.point_storage_at(store, monkeypatch)
-        return store
-    yield use
-    storage.reset_clients()
-    for name in ("s3_store", "gs_store"):
-        if name in request.fixturenames:
-            request.getfixturevalue(name).proxy.reset()
 
 
 # --- classification ---------------------------------------------------------------------------
