@@ -178,7 +178,7 @@ def build(p: beam.Pipeline, cfg: RunConfig, progress_dir: Optional[str] = None, 
         # recorded where each decision is made (before the Flatten), so it is durable early
         incremental.record_all(
             {**{f"Stage{i}": s[OUTCOME] for i, s in enumerate(stages)},
-             "Staged": written[OUTCOME_PARTS + "_staged"], "Committed": written[OUTCOME_PARTS + "_committed"],
+             "Committed": written[OUTCOME_PARTS + "_committed"],
              "Recovered": recovered}, run, cfg.policy.label)
     outcomes = outcome_parts | "AllOutcomes" >> beam.Flatten()
     dead = ([s[DEAD_LETTER] for s in stages] + [written[DEAD_LETTER]]) | "AllDeadLetters" >> beam.Flatten()

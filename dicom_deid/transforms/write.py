@@ -100,11 +100,10 @@ class WriteDicom(beam.PTransform):
         )
         # every outcome comes out of Commit (staging failures cross the shuffle too), so no
         # Flatten: each one costs the local runner another pass of every row through the
-        # launcher. OUTCOME_PARTS: the producers of the outcomes, for consumers that must fuse
-        # with them (the incremental record is written as commits happen); ``_staged`` stays
-        # for them and is empty.
+        # launcher. OUTCOME_PARTS: the producer of the outcomes, for consumers that must fuse
+        # with it (the incremental record is written as commits happen).
         return {OUTCOME: committed, DEAD_LETTER: staged[DEAD_LETTER], LINKAGE: staged[LINKAGE],
-                OUTCOME_PARTS + "_staged": staged[OUTCOME], OUTCOME_PARTS + "_committed": committed}
+                OUTCOME_PARTS + "_committed": committed}
 
 
 class _StageFn(ObjectStageFn):
