@@ -30,8 +30,11 @@ from __future__ import annotations
 
 import functools
 import gzip
+import io
 import json
 import re
+import threading
+import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -217,58 +220,60 @@ def _tag_for_keyword(keyword: str) -> int | None:
     return None
 
 
-def _iter_module_attribute_map():
-    """``(module key, attribute dicts)`` of the packaged module tables, one module at a time.
-
-    The tables parsed whole are about 100,000 dicts (~60 MB of Python objects); parsed module
-    by module, only one module's dicts exist at a time, so a worker's resident memory never
-    holds them (its allocator would keep the pages after they are freed)."""
-    text = gzip.decompress(_read_resource("module_attribute_map.json.gz")).decode("utf-8")
-    decoder = json.JSONDecoder()
-    ws = re.compile(r"[ \t\n\r]*")
-    i = ws.match(text, 0).end()
-    if text[i] != "{":
-        raise ValueError("module_attribute_map.json: not an object")
-    i = ws.match(text, i + 1).end()
-    while text[i] != "}":
-        key, i = decoder.raw_decode(text, i)
-        i = ws.match(text, i).end()
-        if text[i] != ":":
-            raise ValueError("module_attribute_map.json: malformed")
-        value, i = decoder.raw_decode(text, ws.match(text, i + 1).end())
-        yield key, value
-        i = ws.match(text, i).end()
-        if text[i] == ",":
-            i = ws.match(text, i + 1).end()
+#: highdicom's module_attribute_map.json split by module: one deflated member
+#: ``<module key>.json`` per module holding that module's JSON array verbatim (see the
+#: data README), so that one module is read without parsing the other ~435.
+_MODULE_ZIP = "module_attribute_map.zip"
+# ZipFile reads seek a shared file object; SDK workers call in from several threads.
+_MODULE_ZIP_LOCK = threading.Lock()
 
 
 @functools.cache
-def _all_module_paths() -> dict[str, tuple[tuple[tuple[int, ...], str], ...]]:
-    """module key -> (path of int tags, type) for every typed attribute, for all modules
-    (a compact form, ~12 MB, built once per process)."""
-    out = {}
-    paths: dict[tuple[int, ...], tuple[int, ...]] = {}  # one tuple per distinct path
-    for module_key, attrs in _iter_module_attribute_map():
-        entries = []
-        for attr in attrs:
-            typ = attr.get("type")
-            if typ not in _TYPE_RANK:  # "None": print/DIMSE modules without attribute types
-                continue
-            tags = tuple(_tag_for_keyword(kw) for kw in (*attr.get("path", ()), attr["keyword"]))
-            if any(t is None for t in tags):
-                continue
-            entries.append((paths.setdefault(tags, tags), _TYPES[typ]))
-        out[module_key] = tuple(entries)
-    return out
+def _module_zip() -> zipfile.ZipFile:
+    """The packaged module tables as an open zip over their bytes (~0.7 MB, compressed)."""
+    return zipfile.ZipFile(io.BytesIO(_read_resource(_MODULE_ZIP)))
+
+
+def _module_attributes(module_key: str) -> list[dict[str, Any]] | None:
+    """The attribute dicts (keyword, type, path) of one module, parsed from its own zip
+    member; None for a module the tables do not have.
+
+    Only modules an IOD actually uses are ever parsed, one at a time, and only their compact
+    form (:func:`_module_paths`) is kept: the tables parsed whole are about 100,000 dicts
+    (~60 MB of Python objects), which a worker's resident memory must never hold (its
+    allocator would keep the pages after they are freed)."""
+    zf = _module_zip()
+    with _MODULE_ZIP_LOCK:
+        try:
+            raw = zf.read(module_key + ".json")
+        except KeyError:
+            return None
+    return json.loads(raw)
 
 
 #: the type strings, shared
 _TYPES = {t: t for t in ("1", "1C", "2", "2C", "3")}
+#: one tuple per distinct attribute path, shared by all modules loaded in this process
+_PATHS: dict[tuple[int, ...], tuple[int, ...]] = {}
 
 
+@functools.cache
 def _module_paths(module_key: str) -> tuple[tuple[tuple[int, ...], str], ...]:
-    """(path of int tags, type) for every typed attribute of a module."""
-    return _all_module_paths().get(module_key, ())
+    """(path of int tags, type) for every typed attribute of a module, in table order
+    (empty for an unknown module). Built on first use, once per module and process."""
+    attrs = _module_attributes(module_key)
+    if attrs is None:
+        return ()
+    entries = []
+    for attr in attrs:
+        typ = attr.get("type")
+        if typ not in _TYPE_RANK:  # "None": print/DIMSE modules without attribute types
+            continue
+        tags = tuple(_tag_for_keyword(kw) for kw in (*attr.get("path", ()), attr["keyword"]))
+        if any(t is None for t in tags):
+            continue
+        entries.append((_PATHS.setdefault(tags, tags), _TYPES[typ]))
+    return tuple(entries)
 
 
 def _normalize_uid(uid: str) -> str:

@@ -12,14 +12,17 @@ Inputs (read-only):
 overrides the reference directory itself.
 
 Outputs (in ``dicom_deid/data/standard/``, deterministic: sorted keys, no timestamps,
-gzip with mtime=0):
+gzip with mtime=0, zip members with a fixed date):
 
 * ``table_e1_1.json``          all 657 rows of Table E.1-1 + provenance header
 * ``safe_private.json``        Table E.3.10-1 rows + provenance header
 * ``tcia_private_kb.json``     normalized TCIA private tag KB rows + ``dropped`` counts
 * ``sop_class_iod_map.json``   verbatim copy from highdicom
 * ``iod_module_map.json.gz``   gzip of the verbatim highdicom file
-* ``module_attribute_map.json.gz``  gzip of the verbatim highdicom file
+* ``module_attribute_map.zip``  the verbatim highdicom file split by module: one deflated
+  member ``<module key>.json`` per module, holding the module's value bytes exactly as in
+  the original, in the original's order (see :func:`split_module_map`); the run time reads
+  only the modules an IOD needs
 * ``README.md``                provenance note (generated, do not hand-edit)
 * ``__init__.py``              makes the directory an importable resource package
 
@@ -40,6 +43,7 @@ import json
 import os
 import re
 import sys
+import zipfile
 from importlib import metadata, resources
 from pathlib import Path
 
@@ -83,11 +87,15 @@ E3101_COLUMNS = ("tag", "private_creator", "vr", "vm", "meaning")
 TCIA_DISPOSITIONS = ("k", "d", "h", "o")
 
 HIGHDICOM_FILES = (
-    # (source name in highdicom/_standard, output name, gzip?)
-    ("sop_class_iod_map.json", "sop_class_iod_map.json", False),
-    ("iod_module_map.json", "iod_module_map.json.gz", True),
-    ("module_attribute_map.json", "module_attribute_map.json.gz", True),
+    # (source name in highdicom/_standard, output name, packaging: copy | gzip | split)
+    ("sop_class_iod_map.json", "sop_class_iod_map.json", "copy"),
+    ("iod_module_map.json", "iod_module_map.json.gz", "gzip"),
+    ("module_attribute_map.json", "module_attribute_map.zip", "split"),
 )
+# Outputs of earlier versions of this script that a rerun removes from --out.
+STALE_OUTPUTS = ("module_attribute_map.json.gz",)
+# Module keys become zip member names: keep them plain.
+MODULE_KEY_RE = re.compile(r"[a-z0-9][a-z0-9-]*")
 
 CONCRETE_TAG_RE = re.compile(r"\(([0-9A-F]{4}),([0-9A-F]{4})\)")
 SAFE_PRIVATE_TAG_RE = re.compile(r"\(([0-9A-Fa-f]{4}),xx([0-9A-Fa-f]{2})\)")
@@ -136,6 +144,73 @@ def gzip_bytes(data: bytes) -> bytes:
     # filename="" and mtime=0 keep the output byte-for-byte reproducible.
     with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=9) as fh:
         fh.write(data)
+    return buf.getvalue()
+
+
+# The original layout of module_attribute_map.json (json.dump with indent=2): the split
+# form rebuilds it exactly as HEAD + SEP.join(ITEM % (key, value bytes)) + TAIL.
+MODULE_MAP_HEAD, MODULE_MAP_SEP, MODULE_MAP_TAIL = b"{\n", b",\n", b"\n}"
+MODULE_MAP_ITEM = b'  "%s": %s'
+
+
+def split_module_map(data: bytes) -> list[tuple[str, bytes]]:
+    """``(module key, value bytes)`` of highdicom's module_attribute_map.json, in file order.
+
+    The value bytes are the exact slice of the original; :func:`join_module_map` of the
+    result must give back ``data`` byte for byte (checked), so the zip of these members is a
+    lossless repackaging of the original."""
+    text = data.decode("utf-8")
+    decoder = json.JSONDecoder()
+    ws = re.compile(r"[ \t\n\r]*")
+    parts: list[tuple[str, bytes]] = []
+    i = ws.match(text, 0).end()
+    if text[i] != "{":
+        raise BuildError("module_attribute_map.json: not an object")
+    i = ws.match(text, i + 1).end()
+    while text[i] != "}":
+        key, i = decoder.raw_decode(text, i)
+        i = ws.match(text, i).end()
+        if text[i] != ":":
+            raise BuildError("module_attribute_map.json: malformed")
+        start = ws.match(text, i + 1).end()
+        _, i = decoder.raw_decode(text, start)
+        if not isinstance(key, str) or not MODULE_KEY_RE.fullmatch(key):
+            raise BuildError(f"module_attribute_map.json: unexpected module key {key!r}")
+        parts.append((key, text[start:i].encode("utf-8")))
+        i = ws.match(text, i).end()
+        if text[i] == ",":
+            i = ws.match(text, i + 1).end()
+    if ws.match(text, i + 1).end() != len(text):
+        raise BuildError("module_attribute_map.json: trailing data")
+    if len({k for k, _ in parts}) != len(parts):
+        raise BuildError("module_attribute_map.json: duplicate module keys")
+    if join_module_map(parts) != data:
+        raise BuildError(
+            "module_attribute_map.json: layout changed, the split form would not rebuild "
+            "the original; update MODULE_MAP_* in this script"
+        )
+    return parts
+
+
+def join_module_map(parts: list[tuple[str, bytes]]) -> bytes:
+    """Inverse of :func:`split_module_map`: the original file's bytes."""
+    return (
+        MODULE_MAP_HEAD
+        + MODULE_MAP_SEP.join(MODULE_MAP_ITEM % (k.encode("utf-8"), v) for k, v in parts)
+        + MODULE_MAP_TAIL
+    )
+
+
+def zip_members(members: list[tuple[str, bytes]]) -> bytes:
+    """A deterministic zip (fixed dates and attributes, deflate level 9), members in order."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in members:
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.create_system = 3
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, data, compresslevel=9)
     return buf.getvalue()
 
 
@@ -488,12 +563,21 @@ def build_highdicom() -> tuple[dict[str, bytes], dict]:
     outputs: dict[str, bytes] = {}
     info: dict = {"version": version, "files": {}}
     parsed = {}
-    for src, dst, compress in HIGHDICOM_FILES:
+    for src, dst, packaging in HIGHDICOM_FILES:
         data = (base / src).read_bytes()
         parsed[src] = json.loads(data)
-        outputs[dst] = gzip_bytes(data) if compress else data
+        if packaging == "split":
+            parts = split_module_map(data)
+            if [k for k, _ in parts] != list(parsed[src]):
+                raise BuildError(f"{src}: split keys differ from the parsed keys")
+            outputs[dst] = zip_members([(f"{k}.json", v) for k, v in parts])
+        elif packaging == "gzip":
+            outputs[dst] = gzip_bytes(data)
+        else:
+            outputs[dst] = data
         info["files"][src] = {
             "output": dst,
+            "packaging": packaging,
             "sha256": sha256_bytes(data),
             "bytes": len(data),
         }
@@ -540,9 +624,14 @@ def render_readme(
     def files(d: dict) -> str:
         return "\n".join(f"  - `{k}` sha256 `{v}`" for k, v in sorted(d.items()))
 
+    packaging = {
+        "copy": "verbatim copy",
+        "gzip": "gzip of the original",
+        "split": "zip split by module, see below",
+    }
     hd_lines = "\n".join(
-        f"  - `{src}` -> `{v['output']}` ({v['bytes']:,} bytes, sha256 `{v['sha256']}` "
-        "of the uncompressed original)"
+        f"  - `{src}` -> `{v['output']}` ({packaging[v['packaging']]}; {v['bytes']:,} bytes, "
+        f"sha256 `{v['sha256']}` of the original)"
         for src, v in sorted(hd["files"].items())
     )
     dropped = "\n".join(f"  - {k}: {v}" for k, v in tcia["dropped"].items()) or "  - none"
@@ -567,10 +656,10 @@ script or its inputs and regenerate:
 # installed highdicom; override with --reference DIR / --out DIR
 ```
 
-The output is deterministic (sorted keys, fixed row order, gzip with mtime 0), so a rerun
-on unchanged inputs rewrites nothing. Loaded at run time by `dicom_deid/standard.py` via
-`importlib.resources` (package `dicom_deid.data.standard`); nothing here depends on
-highdicom's private paths at run time.
+The output is deterministic (sorted keys, fixed row order, gzip with mtime 0, zip members
+with a fixed date), so a rerun on unchanged inputs rewrites nothing. Loaded at run time by
+`dicom_deid/standard.py` via `importlib.resources` (package `dicom_deid.data.standard`);
+nothing here depends on highdicom's private paths at run time.
 
 ## `table_e1_1.json`: DICOM PS3.15 {e1['edition']} Table E.1-1
 
@@ -632,10 +721,19 @@ nesting detail stays in this file for VR-aware consumers.
 
 Copied from highdicom {hd['version']} (`highdicom/_standard/`, PyPI `highdicom`,
 https://github.com/ImagingDataCommons/highdicom, MIT licence, Copyright 2020 MGH
-Computational Pathology; the licence text is reproduced below). The large files are gzip
-of the verbatim upstream bytes.
+Computational Pathology; the licence text is reproduced below). The packaged forms keep
+the upstream bytes unchanged (the zip as one byte slice per module, see below):
 
 {hd_lines}
+
+`module_attribute_map.zip` is `module_attribute_map.json` split by module so that
+`dicom_deid/standard.py` can read the few modules an IOD needs without parsing all
+{hd['modules']} (22 MB of JSON): one deflated member `<module key>.json` per module, in the
+original's key order, each holding that module's value (the JSON array of attribute
+objects) as the exact byte slice of the original. The original is rebuilt byte for byte as
+`{{\\n` + `,\\n`.join(`  "<module key>": ` + member bytes, in member order) + `\\n}}` (`\\n` a
+newline byte); the build checks this against the original, so the sha256 above is also the
+sha256 of the text rebuilt from the zip (`tests/unit/test_standard.py` checks that too).
 
 Contents: {hd['sop_classes']} SOP classes, {hd['iods']} IODs, {hd['modules']} modules,
 {hd['attribute_entries']:,} module attribute entries (keyword, type, path of enclosing
@@ -705,6 +803,10 @@ def main(argv: list[str] | None = None) -> int:
     write_if_changed(out / "tcia_private_kb.json", dump_json(tcia).encode("utf-8"))
     for name, data in sorted(hd_outputs.items()):
         write_if_changed(out / name, data)
+    for name in STALE_OUTPUTS:
+        if name not in hd_outputs and (out / name).is_file():
+            (out / name).unlink()
+            print(f"  removed   {name} (no longer an output)")
     readme = render_readme(e1, e3, e3_stats, tcia, tcia_stats, hd_info)
     write_if_changed(out / "README.md", readme.encode("utf-8"))
     write_if_changed(out / "__init__.py", INIT_PY.encode("utf-8"))

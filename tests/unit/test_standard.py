@@ -277,6 +277,89 @@ def test_u_modules_count() -> None:
     assert types[(_tag(0x0012, 0x0010),)] == "1"  # Clinical Trial Sponsor Name
 
 
+def test_ct_deeply_nested_paths() -> None:
+    types = iod_attribute_types(CT_IMAGE_STORAGE)
+    # Patient module: Issuer of Patient ID Qualifiers Sequence > Assigning Facility Sequence
+    # > Local Namespace Entity ID is 1C.
+    issuer, facility = _tag(0x0010, 0x0024), _tag(0x0040, 0x0036)
+    assert types[(issuer,)] == "3"
+    assert types[(issuer, facility)] == "3"
+    assert types[(issuer, facility, _tag(0x0040, 0x0031))] == "1C"
+    # Code Sequence Macro inside Equivalent Code Sequence, four levels down: Code Meaning 1.
+    strain = (_tag(0x0010, 0x0216), _tag(0x0010, 0x0215), _tag(0x0008, 0x0121))
+    assert types[(*strain, _tag(0x0008, 0x0104))] == "1"
+    assert len(types) == 5762  # every typed (path, type) of the CT IOD's 25 M/C/U modules
+
+
+def test_module_tables_are_read_per_module() -> None:
+    """iod_attribute_types parses only the modules of the IOD asked for (a fresh process,
+    since the caches are per process), and never the whole module table."""
+    code = f"""
+import json
+from dicom_deid import standard as s
+parsed = []
+read_module = s._module_attributes
+s._module_attributes = lambda key: parsed.append(key) or read_module(key)
+resources = []
+read_resource = s._read_resource
+s._read_resource = lambda name: resources.append(name) or read_resource(name)
+s.iod_attribute_types({CT_IMAGE_STORAGE!r})
+iod = s._sop_class_iod_map()[{CT_IMAGE_STORAGE!r}]
+wanted = [m["key"] for m in s._iod_module_map()[iod] if m["usage"] in ("M", "C", "U")]
+print(json.dumps({{"parsed": parsed, "wanted": wanted, "resources": resources,
+                  "members": len(s._module_zip().namelist())}}))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, cwd=REPO, capture_output=True, text=True
+    )
+    got = json.loads(out.stdout)
+    assert got["members"] == 436
+    assert sorted(got["parsed"]) == sorted(set(got["wanted"])), got["parsed"]
+    assert 20 <= len(got["parsed"]) <= 40  # 25 modules for CT, not all 436
+    assert sorted(got["resources"]) == [
+        "iod_module_map.json.gz",
+        "module_attribute_map.zip",
+        "sop_class_iod_map.json",
+    ]
+
+
+def test_unknown_module_is_empty() -> None:
+    assert standard._module_paths("no-such-module") == ()
+    assert standard._module_attributes("no-such-module") is None
+
+
+def test_packaged_module_zip_rebuilds_the_original() -> None:
+    """module_attribute_map.zip is highdicom's module_attribute_map.json split by module:
+    joined back as the data README says, it is the original, byte for byte (its sha256 is
+    the one recorded in the README)."""
+    import hashlib
+    import io
+    import zipfile
+
+    pkg = resources.files("dicom_deid.data.standard")
+    zf = zipfile.ZipFile(io.BytesIO(pkg.joinpath("module_attribute_map.zip").read_bytes()))
+    infos = zf.infolist()
+    assert all(i.filename.endswith(".json") for i in infos)
+    assert all(i.compress_type == zipfile.ZIP_DEFLATED for i in infos)
+    text = (
+        b"{\n"
+        + b",\n".join(
+            b'  "%s": %s' % (i.filename.removesuffix(".json").encode(), zf.read(i))
+            for i in infos
+        )
+        + b"\n}"
+    )
+    sha = "9026a2f2037e868396bf74c55fef77183a7a69979b83e4cd3cc2b425e87f8fa6"
+    assert len(text) == 22_657_586
+    assert hashlib.sha256(text).hexdigest() == sha
+    readme = pkg.joinpath("README.md").read_text("utf-8")
+    assert (
+        "`module_attribute_map.json` -> `module_attribute_map.zip` (zip split by module, "
+        f"see below; 22,657,586 bytes, sha256 `{sha}` of the original)"
+    ) in readme
+    assert not pkg.joinpath("module_attribute_map.json.gz").is_file()
+
+
 # -------------------------------------------------------------------- private tables
 
 
