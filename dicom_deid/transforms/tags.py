@@ -46,6 +46,8 @@ class _DeidentifyTagsFn(ObjectStageFn):
     #: new patients reported per DoFn instance are remembered up to this many (repeats are
     #: also merged downstream; this only keeps the shuffle small)
     REPORTED_MAX = 100_000
+    #: map lookups remembered per DoFn instance (patient-key HMAC -> entry or None)
+    ENTRIES_MAX = 50_000
 
     def __init__(self, run, policy, key_ref, require_entry=False, report_new=False):
         super().__init__(run)
@@ -56,13 +58,24 @@ class _DeidentifyTagsFn(ObjectStageFn):
         self._rules = tags.compile_rules(self._policy, keys.resolve(self._key_ref))
         self._done = counter("tags", "objects_deidentified")
         self._reported: set = set()
+        # each lookup of the map (a multimap side input) is a request to the runner: one per
+        # object, though a patient has many. The map is a batch side input in the global
+        # window, fixed for the whole job, so an answer stays true across bundles
+        self._entries: dict = {}
 
     def handle(self, obj, pseudonyms):
         mode = getattr(self._policy, "person_key", "patient_id")
         obj.patient_key = tags.patient_key_of(obj.dataset, self._rules.deriver, mode)
         # a lookup returns an iterable of the key's values (a list in-process, a state-backed
         # iterable on portable runners): take the first, never index it
-        entry = next(iter(pseudonyms[obj.patient_key]), None)
+        key = obj.patient_key
+        if key in self._entries:
+            entry = self._entries[key]
+        else:
+            entry = next(iter(pseudonyms[key]), None)
+            if len(self._entries) >= self.ENTRIES_MAX:
+                self._entries.clear()
+            self._entries[key] = entry
         routed = route_by_map(self._run, obj, entry, self._require_entry)  # excluded / quarantined
         if routed is not None:
             yield routed

@@ -64,3 +64,48 @@ def test_pseudonym_map_side_input_is_used(tmp_path, key_file):
     assert_that(out, equal_to([("STUDY0001", "STUDY0001")]))
     assert_that(read[MAIN] | beam.Map(lambda o: 1), is_not_empty(), label="ReadSomething")
     p.run().wait_until_finish()
+
+
+def test_the_map_is_asked_once_per_patient_not_once_per_object(tmp_path, key_file):
+    """Each lookup of the map side input is a request to the runner: the tag stage keeps
+    the answers (an entry, or none) per patient key, and every object gets the same."""
+    from dicom_deid import reader, sample
+    from dicom_deid.element import InputRef
+    from dicom_deid.transforms.tags import _DeidentifyTagsFn
+    s = sample.generate(tmp_path / "in", n_files=6, n_patients=2, seed=3)
+    files = sorted((tmp_path / "in").rglob("*.dcm"))
+    assert len(files) == 6 and len(s.patients) == 2
+    run, ref = _run(tmp_path), keys.KeyRef(str(key_file))
+    d = keys.Deriver(keys.resolve(ref))
+
+    class CountingMap(dict):
+        def __init__(self, entries):
+            super().__init__(entries)
+            self.asked = []
+
+        def __getitem__(self, k):
+            self.asked.append(k)
+            return self.get(k, [])
+
+    def run_all(pseudonyms):
+        fn = _DeidentifyTagsFn(run, policy.load("basic"), ref)
+        fn.setup()
+        got = []
+        for f in files:
+            data = f.read_bytes()
+            obj = reader.parse(InputRef(str(f), d.input_key(str(f)), len(data)), d, data=data)
+            out = [o for o in fn.handle(obj, pseudonyms) if not isinstance(o, beam.pvalue.TaggedOutput)]
+            assert len(out) == 1
+            got.append((obj.patient_key, out[0].facts["pseudo_patient_id"]))
+        return got
+
+    empty = CountingMap({})
+    derived = run_all(empty)
+    patients = sorted({k for k, _p in derived})
+    assert len(patients) == 2 and sorted(empty.asked) == patients, "one lookup per patient"
+    chosen = CountingMap({patients[0]: [{"pseudonym": "FIXED01", "date_offset_days": -3}]})
+    mapped = run_all(chosen)
+    assert sorted(chosen.asked) == patients
+    # the map's entry went to every object of its patient, the derivation to the others
+    assert {p for k, p in mapped if k == patients[0]} == {"FIXED01"}
+    assert [p for k, p in mapped if k == patients[1]] == [p for k, p in derived if k == patients[1]]
