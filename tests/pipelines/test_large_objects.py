@@ -24,7 +24,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
 
 from dicom_deid import verify, writer
-from tests.conftest import CORPUS, REPO
+from tests.conftest import CORPUS, REPO, write_key
 
 MR = CORPUS / "vendors" / "toshiba" / "Galan" / "10006_DTI_ALL_20d" / "0001.dcm"
 NAME = "QUILLFEATHER^ARABELLA"  # planted: must never leave the header checks unseen
@@ -96,7 +96,7 @@ def _make(path: Path, megabytes: float, ts=ExplicitVRLittleEndian, planted_blob:
     return path
 
 
-def _run(jobs: list[dict], tmp: Path, env_extra: dict | None = None) -> list[dict]:
+def _run(jobs: list[dict], tmp: Path, env_extra: dict | None = None, with_proc: bool = False):
     env = dict(os.environ, DICOM_DEID_TMPDIR=str(tmp), PYTHONPATH=str(REPO), **(env_extra or {}))
     proc = subprocess.run([sys.executable, "-c", RUNNER], input="".join(json.dumps(j) + "\n" for j in jobs),
                           capture_output=True, text=True, env=env, timeout=900, cwd=str(REPO))
@@ -104,7 +104,7 @@ def _run(jobs: list[dict], tmp: Path, env_extra: dict | None = None) -> list[dic
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(results) == len(jobs) and all(r["code"] == 0 for r in results), proc.stderr[-3000:]
     assert NAME not in proc.stdout + proc.stderr and NAME.split("^")[0] not in proc.stderr
-    return results
+    return (results, proc) if with_proc else results
 
 
 def _outputs(out: Path) -> dict:
@@ -118,47 +118,61 @@ def _job(tmp: Path, name: str, src: Path, key: Path, in_memory_max=None) -> dict
             "key": str(key), "in_memory_max": in_memory_max}
 
 
-@pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit],
-                         ids=["explicit", "implicit", "encapsulated"])
-def test_streamed_path_writes_the_same_bytes_as_the_in_memory_path(tmp_path, key_file, ts):
-    src = _make(tmp_path / "in" / "mid.dcm", 5, ts)
-    temp = tmp_path / "temp"
+TS = {"explicit": ExplicitVRLittleEndian, "implicit": ImplicitVRLittleEndian, "encapsulated": JPEGBaseline8Bit}
+
+
+@pytest.fixture(scope="module")
+def streamed_runs(tmp_path_factory):
+    """All runs of the tests below that compare the in-memory and the streamed path, in ONE
+    runner process (each pipeline run is independent; one Beam start-up instead of four):
+    per transfer syntax a 5 MB object run in memory then streamed, and an object with a name
+    in a kept large binary value (policy keeps ICCProfile) in memory then streamed. The
+    runner's ``streamed`` count is cumulative, so each run's own count is the difference."""
+    root = tmp_path_factory.mktemp("streamed")
+    key = write_key(root / "key.hex", "11" * 32)
+    temp = root / "temp"
     temp.mkdir()
-    res = _run([_job(tmp_path, "memory", src, key_file),
-                _job(tmp_path, "streamed", src, key_file, in_memory_max=1024 * 1024)], temp)
-    assert res[0]["streamed"] == 0 and res[1]["streamed"] == 1  # each took the path meant
-    mem, streamed = _outputs(tmp_path / "memory" / "out"), _outputs(tmp_path / "streamed" / "out")
+    jobs = []
+    for name, ts in TS.items():
+        src = _make(root / name / "in" / "mid.dcm", 5, ts)
+        jobs += [_job(root / name, "memory", src, key), _job(root / name, "streamed", src, key, in_memory_max=1024 * 1024)]
+    src = _make(root / "blob" / "in" / "mid.dcm", 3, planted_blob=True)
+    pol = root / "blob" / "keep.yaml"
+    pol.write_text("schema: 1\nname: keep-icc\nversion: '1'\noverrides:\n"
+                   "  - {attribute: ICCProfile, action: keep}\n")
+    for name, limit in (("memory", None), ("streamed", 1024 * 1024)):
+        jobs.append(dict(_job(root / "blob", name, src, key, in_memory_max=limit), args=["--policy", str(pol)]))
+    res, proc = _run(jobs, temp, with_proc=True)
+    counts = [r["streamed"] - (res[i - 1]["streamed"] if i else 0) for i, r in enumerate(res)]
+    return dict(root=root, temp=temp, counts=counts, proc=proc,
+                index={n: i for i, n in enumerate([f"{t}/{m}" for t in (*TS, "blob") for m in ("memory", "streamed")])})
+
+
+@pytest.mark.parametrize("ts", list(TS))
+def test_streamed_path_writes_the_same_bytes_as_the_in_memory_path(streamed_runs, ts):
+    w = streamed_runs
+    i = w["index"][f"{ts}/memory"]
+    assert w["counts"][i] == 0 and w["counts"][i + 1] == 1  # each took the path meant
+    mem, streamed = _outputs(w["root"] / ts / "memory" / "out"), _outputs(w["root"] / ts / "streamed" / "out")
     assert mem["rows"][0][0] == "ok" and len(mem["files"]) == 1
     assert streamed == mem
     data = next(iter(mem["files"].values()))
     assert mem["rows"][0][2:] == (len(data), hashlib.sha256(data).hexdigest())
-    assert list(temp.iterdir()) == []  # input and output temp files removed
+    assert list(w["temp"].iterdir()) == []  # input and output temp files removed
 
 
-def test_streamed_verification_still_finds_a_name_in_raw_bytes(tmp_path, key_file):
+def test_streamed_verification_still_finds_a_name_in_raw_bytes(streamed_runs):
     """A name inside a large binary value the policy keeps (deferred on the streamed path,
     copied, never decoded: only the raw-byte search sees it) is found on the streamed path as
     on the in-memory one (quarantined, no output), and the temp files still go."""
-    src = _make(tmp_path / "in" / "mid.dcm", 3, planted_blob=True)
-    pol = tmp_path / "keep.yaml"
-    pol.write_text("schema: 1\nname: keep-icc\nversion: '1'\noverrides:\n"
-                   "  - {attribute: ICCProfile, action: keep}\n")
-    temp = tmp_path / "temp"
-    temp.mkdir()
-    for name, limit in (("memory", None), ("streamed", 1024 * 1024)):
-        job = _job(tmp_path, name, src, key_file, in_memory_max=limit)
-        env = dict(os.environ, DICOM_DEID_TMPDIR=str(temp), PYTHONPATH=str(REPO))
-        script = RUNNER.replace('"--key", job["key"],', '"--key", job["key"], "--policy", ' + repr(str(pol)) + ',')
-        proc = subprocess.run([sys.executable, "-c", script], input=json.dumps(job) + "\n",
-                              capture_output=True, text=True, env=env, timeout=900, cwd=str(REPO))
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        res = json.loads(proc.stdout.splitlines()[-1])
-        assert res["code"] == 0 and res["streamed"] == (1 if limit else 0)
-        rows = pq.read_table(tmp_path / name / "out" / "manifest").to_pylist()
+    w = streamed_runs
+    for name, streamed in (("memory", 0), ("streamed", 1)):
+        assert w["counts"][w["index"][f"blob/{name}"]] == streamed
+        rows = pq.read_table(w["root"] / "blob" / name / "out" / "manifest").to_pylist()
         assert [(r["status"], r["reason"]) for r in rows] == [("quarantined", "residual_phi")]
-        assert not [p for p in (tmp_path / name / "out").rglob("*.dcm")]
-        assert NAME.split("^")[0] not in proc.stdout + proc.stderr
-    assert list(temp.iterdir()) == []
+        assert not [p for p in (w["root"] / "blob" / name / "out").rglob("*.dcm")]
+    assert NAME.split("^")[0] not in w["proc"].stdout + w["proc"].stderr
+    assert list(w["temp"].iterdir()) == []
 
 
 def test_windowed_search_is_the_whole_search():
