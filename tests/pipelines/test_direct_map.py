@@ -54,15 +54,23 @@ def test_settings_decide_the_mode():
     assert ps.Settings(store_dir="x", exclusions="e.csv").needs_scan
 
 
-def test_direct_and_scanned_give_identical_outputs_and_store(inputs):
-    out_d, priv_d = _run(inputs, "d", "--run-id", "d1")
-    direct_store = _store(inputs, priv_d)
+@pytest.fixture(scope="module")
+def direct_run(inputs):
+    """One direct run (2 workers) on fresh prefixes, shared: its outputs are compared with a
+    scanned run's, and a copy of its prefixes is run again."""
+    out, priv = _run(inputs, "d", "--run-id", "d1")
+    return dict(out=out, priv=priv, outputs=_outputs(out), store=_store(inputs, priv),
+                parts=sorted(glob.glob(f"{ps.store_dir(str(priv))}/part-*.parquet")))
+
+
+def test_direct_and_scanned_give_identical_outputs_and_store(inputs, direct_run):
+    out_d, direct_store = direct_run["out"], direct_run["store"]
     assert len(direct_store) == 3 and {v[2] for v in direct_store.values()} == {"hmac"}
     out_s, priv_s = _run(inputs, "s", "--run-id", "s1", "--pseudonym-map", "scan")
-    rows = pq.read_table(out_d / "manifest").to_pylist()
+    rows = [r for r in pq.read_table(out_d / "manifest").to_pylist() if r["run_id"] == "d1"]
     ok = [r for r in rows if r["status"] == "ok"]
-    assert len(ok) >= 5 and len(_outputs(out_d)) == len(ok)
-    assert _outputs(out_d) == _outputs(out_s)
+    assert len(ok) >= 5 and len(direct_run["outputs"]) == len(ok)
+    assert direct_run["outputs"] == _outputs(out_s)
     cols = ("input_key", "status", "reason", "pseudo_patient_id", "sop_uid", "output_sha256")
     scanned_rows = pq.read_table(out_s / "manifest").to_pylist()
     assert sorted(tuple(r[c] for c in cols) for r in rows) == sorted(tuple(r[c] for c in cols) for r in scanned_rows)
@@ -71,16 +79,21 @@ def test_direct_and_scanned_give_identical_outputs_and_store(inputs):
     assert {r["pseudo_patient_id"] for r in ok} <= {v[0] for v in direct_store.values()}
 
 
-def test_direct_rerun_adds_nothing_and_keeps_outputs(inputs):
-    out, priv = _run(inputs, "again", "--run-id", "a1")
+def test_direct_rerun_adds_nothing_and_keeps_outputs(inputs, direct_run):
+    # the first run is the shared direct run (2 workers, fresh prefixes); the re-run (1 worker)
+    # goes to a copy of its prefixes, so the shared run's own files stay as they were
+    import shutil
+    for name in ("out", "priv"):
+        shutil.copytree(direct_run[name], inputs["root"] / "again" / name)
+    out, priv = inputs["root"] / "again" / "out", inputs["root"] / "again" / "priv"
     parts = sorted(glob.glob(f"{ps.store_dir(str(priv))}/part-*.parquet"))
     first = _outputs(out)
-    assert len(parts) >= 1
+    assert len(parts) >= 1 and len(parts) == len(direct_run["parts"]) and first == direct_run["outputs"]
     _run(inputs, "again", "--run-id", "a2", workers=1)
     assert sorted(glob.glob(f"{ps.store_dir(str(priv))}/part-*.parquet")) == parts
     assert _outputs(out) == first
     rows = pq.read_table(out / "manifest").to_pylist()
-    first_run = sorted((r["input_key"], r["status"]) for r in rows if r["run_id"] == "a1")
+    first_run = sorted((r["input_key"], r["status"]) for r in rows if r["run_id"] == "d1")
     assert len(first_run) == 10
     assert sorted((r["input_key"], r["status"]) for r in rows if r["run_id"] == "a2") == first_run
 
