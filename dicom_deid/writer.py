@@ -59,14 +59,21 @@ def _prepare_meta(ds: Dataset) -> None:
         implicit = getattr(ds, "original_encoding", (None, None))[0]
         new.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
         ds.file_meta = meta = new
+    # set only what differs: each assignment builds and validates a new element (the tag
+    # stage has already set the media storage UIDs), and an equal value writes the same bytes
     if "SOPClassUID" in ds:
-        meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        _set_meta(meta, "MediaStorageSOPClassUID", ds.SOPClassUID)
     if "SOPInstanceUID" in ds:
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+        _set_meta(meta, "MediaStorageSOPInstanceUID", ds.SOPInstanceUID)
+    _set_meta(meta, "ImplementationClassUID", PYDICOM_IMPLEMENTATION_UID)
+    _set_meta(meta, "ImplementationVersionName", IMPLEMENTATION_VERSION)
     if "FileMetaInformationVersion" not in meta:
         meta.FileMetaInformationVersion = b"\x00\x01"
+
+
+def _set_meta(meta: FileMetaDataset, keyword: str, value) -> None:
+    if meta.get(keyword) != value:
+        setattr(meta, keyword, value)
 
 
 def sha256(data: bytes) -> str:
