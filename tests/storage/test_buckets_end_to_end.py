@@ -97,12 +97,14 @@ def test_bucket_end_to_end(scheme, request, data, tmp_path):
 
 
 def test_mixed_schemes_inputs_s3_output_gs_private_local(s3_store, gs_store, data, tmp_path):
+    # one worker: the schemes, not the worker count, are under test (the single-scheme runs
+    # above have the default, one per core)
     in_bucket = upload(s3_store, data["files"])
     out_bucket = gs_store.new_bucket()
     priv = tmp_path / "private"
     proc = run_cli(["--input", s3_store.uri(in_bucket, "site/**"), "--output", gs_store.uri(out_bucket, "o"),
                     "--private", priv, "--key", data["key"]],
-                   env_extra=gs_store.env(), beam_args=s3_store.beam_args())
+                   env_extra=gs_store.env(), beam_args=[*s3_store.beam_args(), "--direct_num_workers=1"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = manifest_of(gs_store, out_bucket, "o/", tmp_path / "dl")
     check_run(proc, rows, data, gs_store, out_bucket, "o/", n_ok=10)
@@ -170,7 +172,7 @@ def test_s3_run_without_dead_letters_finishes(s3_store, data, tmp_path):
     out_bucket, priv_bucket = s3_store.new_bucket(), s3_store.new_bucket()
     proc = run_cli(["--input", s3_store.uri(bucket, "site/**"), "--output", s3_store.uri(out_bucket, "o"),
                     "--private", s3_store.uri(priv_bucket, "p"), "--key", data["key"], "--no-progress"],
-                   beam_args=s3_store.beam_args())
+                   beam_args=[*s3_store.beam_args(), "--direct_num_workers=1"])  # 3 inputs: one worker
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not [k for k in s3_store.keys(priv_bucket) if "dead_letters" in k]
     assert len(manifest_of(s3_store, out_bucket, "o/", tmp_path)) == 3

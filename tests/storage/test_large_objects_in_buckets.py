@@ -10,24 +10,44 @@ import hashlib
 import pyarrow.parquet as pq
 import pytest
 
+from tests.conftest import write_key
 from tests.pipelines.test_large_objects import _job, _make, _outputs, _run
 
 
-@pytest.mark.parametrize("scheme", ["s3", "gs"])
-def test_streamed_path_through_a_bucket_publishes_the_in_memory_bytes(scheme, request, tmp_path, key_file):
-    store = request.getfixturevalue(f"{scheme}_store")
-    store.proxy.reset()
-    src = _make(tmp_path / "in" / "mid.dcm", 5)
-    bucket, out_bucket, priv_bucket = store.new_bucket(), store.new_bucket(), store.new_bucket()
-    store.put(bucket, "site/mid.dcm", src.read_bytes())
-    temp = tmp_path / "temp"
+SCHEMES = ("s3", "gs")
+
+
+@pytest.fixture(scope="module")
+def bucket_runs(s3_store, gs_store, tmp_path_factory):
+    """One runner process (one Beam start-up) for the local in-memory reference and the
+    streamed run through each store, in that order; the runner's ``streamed`` count is
+    cumulative, so each run's own count is the difference."""
+    tmp = tmp_path_factory.mktemp("large-in-buckets")
+    key = write_key(tmp / "key.hex", "11" * 32)
+    src = _make(tmp / "in" / "mid.dcm", 5)
+    temp = tmp / "temp"
     temp.mkdir()
-    remote = {"in": store.uri(bucket, "site/*.dcm"), "out": store.uri(out_bucket, "out"),
-              "private": store.uri(priv_bucket, "private"), "key": str(key_file),
-              "in_memory_max": 1024 * 1024, "args": store.beam_args()}
-    res = _run([_job(tmp_path, "local", src, key_file), remote], temp, env_extra=store.env())
-    assert res[0]["streamed"] == 0 and res[1]["streamed"] == 1
-    local = _outputs(tmp_path / "local" / "out")
+    jobs, where = [_job(tmp, "local", src, key)], {}
+    for scheme, store in zip(SCHEMES, (s3_store, gs_store)):
+        store.proxy.reset()
+        bucket, out_bucket, priv_bucket = store.new_bucket(), store.new_bucket(), store.new_bucket()
+        store.put(bucket, "site/mid.dcm", src.read_bytes())
+        jobs.append({"in": store.uri(bucket, "site/*.dcm"), "out": store.uri(out_bucket, "out"),
+                     "private": store.uri(priv_bucket, "private"), "key": str(key),
+                     "in_memory_max": 1024 * 1024, "args": store.beam_args()})
+        where[scheme] = (store, out_bucket)
+    # the GCS emulator's host in the environment only concerns gs:// (the s3 run has its args)
+    res = _run(jobs, temp, env_extra=gs_store.env())
+    counts = [r["streamed"] - (res[i - 1]["streamed"] if i else 0) for i, r in enumerate(res)]
+    return dict(tmp=tmp, temp=temp, counts=counts, where=where)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_streamed_path_through_a_bucket_publishes_the_in_memory_bytes(scheme, bucket_runs, tmp_path):
+    w = bucket_runs
+    store, out_bucket = w["where"][scheme]
+    assert w["counts"][0] == 0 and w["counts"][1 + SCHEMES.index(scheme)] == 1
+    local = _outputs(w["tmp"] / "local" / "out")
     (rel, data), = local["files"].items()
     published = store.get(out_bucket, f"out/{rel}")
     assert published == data
@@ -35,4 +55,4 @@ def test_streamed_path_through_a_bucket_publishes_the_in_memory_bytes(scheme, re
     assert [(r["status"], r["output_size"], r["output_sha256"]) for r in rows] == \
         [("ok", len(data), hashlib.sha256(data).hexdigest())]
     assert not [k for k in store.keys(out_bucket, "out") if "/.staging/" in k]
-    assert list(temp.iterdir()) == []
+    assert list(w["temp"].iterdir()) == []
