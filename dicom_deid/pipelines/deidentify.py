@@ -172,17 +172,29 @@ def build(p: beam.Pipeline, cfg: RunConfig, progress_dir: Optional[str] = None, 
     written = verified[MAIN] | "WriteDicom" >> WriteDicom(run, after=store_done)
 
     stages = (read, tagged, pixels, attach, verified)
-    outcome_parts = [s[OUTCOME] for s in stages] + [written[OUTCOME]]
+    stage_parts = [s[OUTCOME] for s in stages]
     if cfg.incremental:
-        outcome_parts.append(recovered)
+        stage_parts.append(recovered)
         # recorded where each decision is made (before the Flatten), so it is durable early
         incremental.record_all(
             {**{f"Stage{i}": s[OUTCOME] for i, s in enumerate(stages)},
              "Committed": written[OUTCOME_PARTS + "_committed"],
              "Recovered": recovered}, run, cfg.policy.label)
-    outcomes = outcome_parts | "AllOutcomes" >> beam.Flatten()
+        # one manifest writer after every part: an interrupted run publishes its rows only at
+        # its end, and the run that resumes it writes them again from the record
+        outcomes = (stage_parts + [written[OUTCOME]]) | "AllOutcomes" >> beam.Flatten()
+        manifest_files = [outcomes | "WriteManifest" >> WriteManifest(run, progress_dir)]
+    else:
+        # the committed rows (nearly every row of a run) are written where Commit makes them,
+        # so they never pass through the runner again (it holds every collection that crosses
+        # a stage in memory); the stages' rows (failures, quarantines, skips) meet in a
+        # Flatten fused with the stages that make them
+        stage_rows = stage_parts | "StageOutcomes" >> beam.Flatten()
+        outcomes = [stage_rows, written[OUTCOME]]
+        manifest_files = [
+            stage_rows | "WriteManifest" >> WriteManifest(run, progress_dir, part="stages"),
+            written[OUTCOME] | "WriteCommittedManifest" >> WriteManifest(run, progress_dir, part="committed")]
     dead = ([s[DEAD_LETTER] for s in stages] + [written[DEAD_LETTER]]) | "AllDeadLetters" >> beam.Flatten()
-    manifest_files = outcomes | "WriteManifest" >> WriteManifest(run, progress_dir)
     dead_files = dead | "WriteDeadLetters" >> WriteDeadLetters(run)
     linkage_files = written[LINKAGE] | "WriteLinkage" >> WriteLinkage(run)
     return {"outcomes": outcomes, "dead_letters": dead, "manifest": manifest_files,

@@ -24,16 +24,16 @@ ROW_GROUP_BYTES = 4 * 1024 * 1024
 class WriteManifest(beam.PTransform):
     """Outcome rows -> ``{output}/manifest/run-{id}/part-*.parquet``."""
 
-    def __init__(self, run: manifest.RunInfo, progress_dir: str | None = None):
+    def __init__(self, run: manifest.RunInfo, progress_dir: str | None = None, part: str = ""):
         super().__init__()
-        self._run, self._progress = run, progress_dir
+        self._run, self._progress, self._part = run, progress_dir, part
 
     def expand(self, outcomes):
         rows = outcomes | "Rows" >> beam.Map(lambda o: o.row)
         if self._progress:
             rows = rows | "Progress" >> beam.ParDo(_ProgressFn(self._progress))
         return rows | "Parquet" >> WriteToParquet(
-            f"{self._run.manifest_dir()}/part", schema=manifest.SCHEMA, file_name_suffix=".parquet",
+            f"{self._run.manifest_dir()}/part" + (f"-{self._part}" if self._part else ""), schema=manifest.SCHEMA, file_name_suffix=".parquet",
             codec="zstd", row_group_buffer_size=ROW_GROUP_BYTES)
 
 
