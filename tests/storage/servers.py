@@ -208,6 +208,9 @@ class FaultProxy:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # TCP_NODELAY: an answer is written as headers then body; with Nagle's algorithm
+            # the body waits for the client's delayed ACK of the headers (~40 ms a request)
+            disable_nagle_algorithm = True
 
             def log_message(self, *a):  # quiet
                 pass
