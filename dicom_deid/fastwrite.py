@@ -21,7 +21,7 @@ from pydicom.charset import convert_encodings, default_encoding
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_data_element, writers
+from pydicom.filewriter import write_data_element, write_OBvalue, write_OWvalue, writers
 from pydicom.uid import DeflatedExplicitVRLittleEndian, UID
 from pydicom.valuerep import CUSTOMIZABLE_CHARSET_VR, EXPLICIT_VR_LENGTH_32
 
@@ -33,6 +33,9 @@ _LONG_VRS = frozenset(str(v) for v in EXPLICIT_VR_LENGTH_32)
 _CHARSET_VRS = frozenset(str(v) for v in CUSTOMIZABLE_CHARSET_VR)
 _SEQ_DELIMITER = struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
 _ITEM = b"\xfe\xff\x00\xe0"
+#: values at least this long are written as pieces of their own (see _write_elements)
+_PIECE = 64 * 1024
+_BINARY_WRITERS = (write_OBvalue, write_OWvalue)
 _pack_tag = struct.Struct("<HH").pack
 _pack_ul = struct.Struct("<L").pack
 _pack_us = struct.Struct("<H").pack
@@ -76,13 +79,9 @@ def _serialize(ds: Dataset) -> bytes:
     head = _file_meta(meta)
     if "PixelData" in ds:  # as dcmwrite does (it also converts the element)
         ds["PixelData"].is_undefined_length = ts.is_compressed
-    out = DicomBytesIO()
-    out.is_implicit_VR, out.is_little_endian = implicit, True
-    out.write(preamble or b"\x00" * 128)
-    out.write(b"DICM")
-    out.write(head)
-    _write_elements(out, ds, ds.get("SpecificCharacterSet", default_encoding), implicit)
-    return out.getvalue()
+    chunks = [preamble or b"\x00" * 128, b"DICM", head]
+    chunks += _write_elements(ds, ds.get("SpecificCharacterSet", default_encoding), implicit)
+    return b"".join(chunks)
 
 
 def _file_meta(meta) -> bytes:
@@ -106,19 +105,26 @@ def _file_meta(meta) -> bytes:
     if group_length is not None and (isinstance(group_length, RawDataElement)
                                      and group_length.length != 4 or group_length.VR != "UL"):
         raise _Unsupported()
-    body = DicomBytesIO()
-    body.is_implicit_VR, body.is_little_endian = False, True
-    _write_elements(body, meta, meta.get("SpecificCharacterSet", default_encoding), False,
-                    skip=0x00020000)
-    data = body.getvalue()
+    data = b"".join(_write_elements(meta, meta.get("SpecificCharacterSet", default_encoding), False,
+                                    skip=0x00020000))
     return b"\x02\x00\x00\x00UL\x04\x00" + _pack_ul(len(data)) + data
 
 
-def _write_elements(fp: DicomBytesIO, ds: Dataset, charset, implicit: bool, skip: int = -1) -> None:
+def _buffer(implicit: bool) -> DicomBytesIO:
+    fp = DicomBytesIO()
+    fp.is_implicit_VR, fp.is_little_endian = implicit, True
+    return fp
+
+
+def _write_elements(ds: Dataset, charset, implicit: bool, skip: int = -1) -> list:
     """``pydicom.filewriter.write_dataset``'s loop for a dataset written in the encoding
-    it was read in: raw elements as read, others by pydicom's value writers."""
+    it was read in: raw elements as read, others by pydicom's value writers. Returns the
+    pieces in order: large binary values (pixel data) are pieces of their own, never copied
+    into a growing buffer."""
+    chunks = []
     encodings = None
     store = ds._dict
+    fp = _buffer(implicit)
     write = fp.write
     for tag in sorted(store):
         if (tag & 0xFFFF == 0 and tag >> 16 > 6) or tag == skip:
@@ -128,7 +134,21 @@ def _write_elements(fp: DicomBytesIO, ds: Dataset, charset, implicit: bool, skip
             if elem.value is None:
                 elem = ds[tag]  # a deferred value: get_item reads and converts it
             else:
-                write(_raw_element(elem, implicit))
+                value = elem.value
+                undefined = elem.length == _UNDEFINED
+                vr = elem.VR
+                if not implicit and (not vr or len(vr) != 2):
+                    raise _Unsupported()
+                head = _header(tag, vr, len(value), undefined, implicit)
+                if len(value) >= _PIECE:
+                    chunks += (fp.getvalue(), head, value)
+                    fp = _buffer(implicit)
+                    write = fp.write
+                else:
+                    write(head)
+                    write(value)
+                if undefined:
+                    write(_SEQ_DELIMITER)
                 continue
         vr = elem.VR
         if vr == "SQ" or elem.is_buffered or vr not in writers:
@@ -140,6 +160,17 @@ def _write_elements(fp: DicomBytesIO, ds: Dataset, charset, implicit: bool, skip
         if undefined and (tag != _PIXEL_DATA or elem.value[:4] != _ITEM):
             raise _Unsupported()  # pydicom raises, or writes a short VR's length oddly
         fn, param = writers[vr]
+        value = elem.value
+        if fn in _BINARY_WRITERS and type(value) is bytes and len(value) >= _PIECE:
+            # what write_OBvalue / write_OWvalue write: the bytes, padded to even length
+            pad = b"\x00" if len(value) % 2 else b""
+            chunks += (fp.getvalue(), _header(tag, vr, len(value) + len(pad), undefined, implicit), value)
+            fp = _buffer(implicit)
+            write = fp.write
+            write(pad)
+            if undefined:
+                write(_SEQ_DELIMITER)
+            continue
         # the value goes straight after a placeholder header, which is then filled in
         start = fp.tell()
         long_vr = vr in _LONG_VRS
@@ -160,16 +191,8 @@ def _write_elements(fp: DicomBytesIO, ds: Dataset, charset, implicit: bool, skip
         fp.seek(end)
         if undefined:
             write(_SEQ_DELIMITER)
-
-
-def _raw_element(elem: RawDataElement, implicit: bool) -> bytes:
-    value = elem.value
-    undefined = elem.length == _UNDEFINED
-    vr = elem.VR
-    if not implicit and (not vr or len(vr) != 2):
-        raise _Unsupported()
-    head = _header(elem.tag, vr, len(value), undefined, implicit)
-    return head + value + _SEQ_DELIMITER if undefined else head + value
+    chunks.append(fp.getvalue())
+    return chunks
 
 
 def _header(tag: int, vr, length: int, undefined: bool, implicit: bool) -> bytes:
