@@ -145,20 +145,28 @@ def row(run, input_key: str, status: str, **fields) -> dict:
     return r
 
 
-def pack_row(row: dict) -> Optional[bytes]:
-    """A complete manifest row as compact bytes: its values in column order (no names),
-    pickled and compressed; None when ``row`` is not exactly one complete row.
+def pack_values(row: dict) -> bytes:
+    """A row's values in column order (no names; a missing column as None), pickled and
+    compressed: how rows cross stage boundaries and shuffles (``element.Outcome.__reduce__``,
+    the staged records of ``transforms.write``). The local runner keeps every row of a run
+    in the launcher's memory between stages, and this is about a third of a pickled dict."""
+    return _zlib.compress(_pickle.dumps(tuple(row.get(c) for c in COLUMNS), protocol=5), 1)
 
-    How outcomes cross stage boundaries and shuffles (``element.Outcome.__reduce__``): the
-    local runner keeps every row of a run in the launcher's memory between stages, and this
-    is about a third of a pickled dict."""
+
+def unpack_values(data: bytes) -> dict:
+    """:func:`pack_values` back to ``{column: value}`` (every column)."""
+    return dict(zip(COLUMNS, _pickle.loads(_zlib.decompress(data))))
+
+
+def pack_row(row: dict) -> Optional[bytes]:
+    """A complete manifest row (:func:`row`) as :func:`pack_values`; None when ``row`` is not
+    exactly one complete row (it then crosses as it is)."""
     if len(row) != len(COLUMNS) or any(c not in row for c in COLUMNS):
         return None
-    return _zlib.compress(_pickle.dumps(tuple(row[c] for c in COLUMNS), protocol=5), 1)
+    return pack_values(row)
 
 
-def unpack_row(data: bytes) -> dict:
-    return dict(zip(COLUMNS, _pickle.loads(_zlib.decompress(data))))
+unpack_row = unpack_values
 
 
 def linkage_row(run_id: str, **fields) -> dict:

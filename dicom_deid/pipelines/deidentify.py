@@ -49,7 +49,7 @@ from ..transforms.read import MatchInputs, ReadDicom
 from ..transforms.sinks import WriteDeadLetters, WriteLinkage, WriteManifest
 from ..transforms.tags import DeidentifyTags
 from ..transforms.verify import VerifyNoPHI
-from ..transforms.write import LINKAGE, OUTCOME_PARTS, WriteDicom
+from ..transforms.write import LINKAGE, WriteDicom
 from ..transforms import incremental
 from .. import housekeeping, storage
 
@@ -133,7 +133,8 @@ def is_local_runner(opts: PipelineOptions) -> bool:
 
 
 def build(p: beam.Pipeline, cfg: RunConfig, progress_dir: Optional[str] = None, pseudonyms=None) -> dict:
-    """Add the whole de-identification graph to ``p``; return its named PCollections."""
+    """Add the whole de-identification graph to ``p``; return its named PCollections (lists
+    where a thing is written in several parts)."""
     run = cfg.run
     refs = p | "MatchInputs" >> MatchInputs(cfg.inputs)
     recovered = None
@@ -178,12 +179,12 @@ def build(p: beam.Pipeline, cfg: RunConfig, progress_dir: Optional[str] = None, 
         # recorded where each decision is made (before the Flatten), so it is durable early
         incremental.record_all(
             {**{f"Stage{i}": s[OUTCOME] for i, s in enumerate(stages)},
-             "Committed": written[OUTCOME_PARTS + "_committed"],
+             "Committed": written[OUTCOME],
              "Recovered": recovered}, run, cfg.policy.label)
         # one manifest writer after every part: an interrupted run publishes its rows only at
         # its end, and the run that resumes it writes them again from the record
-        outcomes = (stage_parts + [written[OUTCOME]]) | "AllOutcomes" >> beam.Flatten()
-        manifest_files = [outcomes | "WriteManifest" >> WriteManifest(run, progress_dir)]
+        outcomes = [(stage_parts + [written[OUTCOME]]) | "AllOutcomes" >> beam.Flatten()]
+        manifest_files = [outcomes[0] | "WriteManifest" >> WriteManifest(run, progress_dir)]
     else:
         # the committed rows (nearly every row of a run) are written where Commit makes them,
         # so they never pass through the runner again (it holds every collection that crosses
@@ -197,6 +198,7 @@ def build(p: beam.Pipeline, cfg: RunConfig, progress_dir: Optional[str] = None, 
     dead = ([s[DEAD_LETTER] for s in stages] + [written[DEAD_LETTER]]) | "AllDeadLetters" >> beam.Flatten()
     dead_files = dead | "WriteDeadLetters" >> WriteDeadLetters(run)
     linkage_files = written[LINKAGE] | "WriteLinkage" >> WriteLinkage(run)
+    # outcomes: the PCollections that between them hold every manifest row
     return {"outcomes": outcomes, "dead_letters": dead, "manifest": manifest_files,
             "dead_letter_files": dead_files, "linkage_files": linkage_files}
 

@@ -22,7 +22,7 @@ ROW_GROUP_BYTES = 4 * 1024 * 1024
 
 
 class WriteManifest(beam.PTransform):
-    """Outcome rows -> ``{output}/manifest/run-{id}/part-*.parquet``."""
+    """Outcome rows -> ``{output}/manifest/run-{id}/part[-{part}]-*.parquet``."""
 
     def __init__(self, run: manifest.RunInfo, progress_dir: str | None = None, part: str = ""):
         super().__init__()
@@ -32,9 +32,10 @@ class WriteManifest(beam.PTransform):
         rows = outcomes | "Rows" >> beam.Map(lambda o: o.row)
         if self._progress:
             rows = rows | "Progress" >> beam.ParDo(_ProgressFn(self._progress))
+        prefix = f"{self._run.manifest_dir()}/part" + (f"-{self._part}" if self._part else "")
         return rows | "Parquet" >> WriteToParquet(
-            f"{self._run.manifest_dir()}/part" + (f"-{self._part}" if self._part else ""), schema=manifest.SCHEMA, file_name_suffix=".parquet",
-            codec="zstd", row_group_buffer_size=ROW_GROUP_BYTES)
+            prefix, schema=manifest.SCHEMA, file_name_suffix=".parquet", codec="zstd",
+            row_group_buffer_size=ROW_GROUP_BYTES)
 
 
 class WriteLinkage(beam.PTransform):

@@ -22,8 +22,6 @@
 from __future__ import annotations
 
 import os
-import pickle
-import zlib
 
 import apache_beam as beam
 
@@ -32,23 +30,22 @@ from ..element import DUPLICATE, OK, QUARANTINED, Outcome
 from .common import DEAD_LETTER, MAIN, OUTCOME, TRANSIENT, ObjectStageFn, counter, fail
 
 LINKAGE = "linkage"
-OUTCOME_PARTS = "outcome_parts"
 SOP_UID_CONFLICT = "sop_uid_conflict"
 #: key prefix of failures that cross the shuffle (SOP UIDs are digits and dots)
 _FAILED_KEY = "!"
 
 
 def _pack(input_key: str, row: dict) -> bytes:
-    """A staged record as one compact bytes value: the input key and the row's values in
-    manifest column order (no column names). ``row`` holds manifest columns only."""
-    values = tuple(row.get(c) for c in manifest.COLUMNS)
-    return zlib.compress(pickle.dumps((input_key, values), protocol=5), 1)
+    """A staged record as one compact bytes value (``manifest.pack_values``): the input key
+    and the row's columns. ``row`` holds manifest columns only."""
+    return manifest.pack_values({**row, "input_key": input_key})
 
 
 def _unpack(data: bytes) -> tuple[str, dict]:
     """-> (input key, row); a column that was None is left out (``manifest.row`` fills it)."""
-    input_key, values = pickle.loads(zlib.decompress(data))
-    return input_key, {c: v for c, v in zip(manifest.COLUMNS, values) if v is not None}
+    row = manifest.unpack_values(data)
+    input_key = row.pop("input_key")
+    return input_key, {c: v for c, v in row.items() if v is not None}
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -100,10 +97,9 @@ class WriteDicom(beam.PTransform):
         )
         # every outcome comes out of Commit (staging failures cross the shuffle too), so no
         # Flatten: each one costs the local runner another pass of every row through the
-        # launcher. OUTCOME_PARTS: the producer of the outcomes, for consumers that must fuse
-        # with it (the incremental record is written as commits happen).
-        return {OUTCOME: committed, DEAD_LETTER: staged[DEAD_LETTER], LINKAGE: staged[LINKAGE],
-                OUTCOME_PARTS + "_committed": committed}
+        # launcher, and consumers fuse with Commit (the incremental record is written as
+        # commits happen)
+        return {OUTCOME: committed, DEAD_LETTER: staged[DEAD_LETTER], LINKAGE: staged[LINKAGE]}
 
 
 class _StageFn(ObjectStageFn):
