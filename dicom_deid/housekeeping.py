@@ -20,7 +20,7 @@ The launcher rewrites it every ``interval`` seconds (:class:`RunLease`, default 
 * a staging folder without a lease (left by a version before leases): when its newest
   object is older than ``stale_after``.
 
-With a stopped run's staging it also removes the temporary files Beam's sinks left in that
+With a stopped run's staging it also removes the temporary parts the sinks left in that
 run's manifest, linkage and dead-letter folders (``beam-temp-*``), which a reader of the
 whole manifest folder would otherwise see, and (given the private prefix) an incremental
 record compaction that run started but never committed. Published objects, manifests and

@@ -6,7 +6,8 @@
         -> CleanPixels -> CleanAttachments -> VerifyNoPHI -> WriteDicom (stage, group by new
         SOP UID, commit)
     every stage: main + outcome + dead_letter -> WriteManifest (public) / WriteDeadLetters,
-    WriteLinkage (private)
+    WriteLinkage (private), each a temporary part per bundle -> PublishFiles (one step at the
+    end moves every committed part to its final name; see transforms/sinks.py)
 
 The pseudonym map comes one of two ways (``pseudonyms.Settings.needs_scan``):
 
@@ -46,7 +47,7 @@ from ..transforms.pseudonyms import (DONE as STORE_DONE, MAP as PSEUDONYM_MAP, N
                                      STORE as PSEUDONYM_STORE, BuildPseudonymMap, CommitNewPatients,
                                      ScanHeaders, StoreOverrides)
 from ..transforms.read import MatchInputs, ReadDicom
-from ..transforms.sinks import WriteDeadLetters, WriteLinkage, WriteManifest
+from ..transforms.sinks import PublishFiles, WriteDeadLetters, WriteLinkage, WriteManifest
 from ..transforms.tags import DeidentifyTags
 from ..transforms.verify import VerifyNoPHI
 from ..transforms.write import LINKAGE, WriteDicom
@@ -184,7 +185,7 @@ def build(p: beam.Pipeline, cfg: RunConfig, progress_dir: Optional[str] = None, 
         # one manifest writer after every part: an interrupted run publishes its rows only at
         # its end, and the run that resumes it writes them again from the record
         outcomes = [(stage_parts + [written[OUTCOME]]) | "AllOutcomes" >> beam.Flatten()]
-        manifest_files = [outcomes[0] | "WriteManifest" >> WriteManifest(run, progress_dir)]
+        writers = {"WriteManifest": (outcomes[0], WriteManifest(run, progress_dir))}
     else:
         # the committed rows (nearly every row of a run) are written where Commit makes them,
         # so they never pass through the runner again (it holds every collection that crosses
@@ -192,15 +193,17 @@ def build(p: beam.Pipeline, cfg: RunConfig, progress_dir: Optional[str] = None, 
         # Flatten fused with the stages that make them
         stage_rows = stage_parts | "StageOutcomes" >> beam.Flatten()
         outcomes = [stage_rows, written[OUTCOME]]
-        manifest_files = [
-            stage_rows | "WriteManifest" >> WriteManifest(run, progress_dir, part="stages"),
-            written[OUTCOME] | "WriteCommittedManifest" >> WriteManifest(run, progress_dir, part="committed")]
+        writers = {"WriteManifest": (stage_rows, WriteManifest(run, progress_dir, part="stages")),
+                   "WriteCommittedManifest": (written[OUTCOME],
+                                              WriteManifest(run, progress_dir, part="committed"))}
     dead = ([s[DEAD_LETTER] for s in stages] + [written[DEAD_LETTER]]) | "AllDeadLetters" >> beam.Flatten()
-    dead_files = dead | "WriteDeadLetters" >> WriteDeadLetters(run)
-    linkage_files = written[LINKAGE] | "WriteLinkage" >> WriteLinkage(run)
-    # outcomes: the PCollections that between them hold every manifest row
-    return {"outcomes": outcomes, "dead_letters": dead, "manifest": manifest_files,
-            "dead_letter_files": dead_files, "linkage_files": linkage_files}
+    writers["WriteDeadLetters"] = (dead, WriteDeadLetters(run))
+    writers["WriteLinkage"] = (written[LINKAGE], WriteLinkage(run))
+    # every sink's parts become visible together, in one step after everything else
+    parts = [pcoll | label >> writer for label, (pcoll, writer) in writers.items()]
+    files = (parts | "AllParts" >> beam.Flatten()) | "PublishFiles" >> PublishFiles([w.sink for _, w in writers.values()])
+    # files: one (sink name, [published URIs]) per sink, once the run's files are published
+    return {"outcomes": outcomes, "dead_letters": dead, "files": files}
 
 
 def count_inputs(patterns) -> Optional[int]:
@@ -274,9 +277,9 @@ def cleanup_staging(cfg: RunConfig) -> None:
 
 
 def cleanup_sink_temps(cfg: RunConfig) -> None:
-    """Remove Beam file-sink temp folders (``beam-temp-*``) left under this run's manifest,
-    linkage and dead-letter folders by a failed attempt that the runner retried (Flink
-    failover). Called only after the job finished, and only inside this run's own folders."""
+    """Remove sink temp folders (``beam-temp-*``) left under this run's manifest, linkage and
+    dead-letter folders (a publish that failed, or folders of a version that used Beam's
+    sinks). Called only after the job finished, and only inside this run's own folders."""
     run = cfg.run
     for folder in (run.manifest_dir(), run.private_dir("linkage"), run.private_dir("dead_letters")):
         try:

@@ -36,10 +36,10 @@ def test_build_graph_without_running(tmp_path, key_file):
                             "--private", str(tmp_path / "p"), "--key", str(key_file)])
     p = beam.Pipeline()
     outs = deidentify.build(p, cfg)
-    assert set(outs) >= {"outcomes", "dead_letters", "manifest", "linkage_files"}
+    assert set(outs) >= {"outcomes", "dead_letters", "files"}
     labels = {t.full_label for t in p.transforms_stack[0].parts}
     for step in ("MatchInputs", "ReadDicom", "DeidentifyTags", "CleanPixels", "CleanAttachments",
-                 "VerifyNoPHI", "WriteDicom", "WriteManifest", "WriteDeadLetters", "WriteLinkage"):
+                 "VerifyNoPHI", "WriteDicom", "WriteManifest", "WriteDeadLetters", "WriteLinkage", "PublishFiles"):
         assert step in labels
     # the key bytes are nowhere in the pipeline graph
     proto = p.to_runner_api(use_fake_coders=True).SerializeToString()
