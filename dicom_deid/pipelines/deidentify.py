@@ -52,7 +52,7 @@ from ..transforms.tags import DeidentifyTags
 from ..transforms.verify import VerifyNoPHI
 from ..transforms.write import LINKAGE, WriteDicom
 from ..transforms import incremental
-from .. import housekeeping, storage
+from .. import housekeeping, memory, storage
 
 log = logging.getLogger("dicom_deid")
 LOCAL_RUNNER = "FnApiRunner"
@@ -104,6 +104,9 @@ def fuse_in_sdk(opts: PipelineOptions) -> None:
 def make_runner(opts: PipelineOptions):
     name = opts.view_as(StandardOptions).runner
     if name == LOCAL_RUNNER:
+        # freed run-sized buffers go back to the system (dicom_deid.memory; the workers start
+        # trimming in ReadDicom's setup)
+        memory.configure_local_run()
         from apache_beam.runners.portability.fn_api_runner import FnApiRunner
         # FnApiRunner() alone gives its multi-processing workers *no* pipeline options
         # (Beam 2.77): hand them ours (storage endpoints, --beam_plugins, log level)

@@ -16,7 +16,7 @@ import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
-from .. import incremental, keys, manifest, reader, storage
+from .. import incremental, keys, manifest, memory, reader, storage
 from ..element import SKIPPED, InputRef, Outcome
 from ..errors import InputTooLarge
 from .common import object_pardo, DEAD_LETTER, MAIN, OUTCOME, TRANSIENT, counter, fail, tmp_dir
@@ -122,6 +122,7 @@ class _ReadDicomFn(beam.DoFn):
         self._run, self._key_ref, self._max = run, key_ref, max_input_bytes
 
     def setup(self):
+        memory.start_trimming()  # local runs only (dicom_deid.memory)
         self._deriver = keys.Deriver(keys.resolve(self._key_ref))
         self._read = counter("read", "objects_read")
         self._bytes = counter("read", "bytes_read")
