@@ -116,6 +116,13 @@ def _buffer(implicit: bool) -> DicomBytesIO:
     return fp
 
 
+def _cut(chunks: list, fp: DicomBytesIO, head: bytes, value: bytes, implicit: bool) -> DicomBytesIO:
+    """End the current buffer, add ``head`` and the large ``value`` as pieces of their own;
+    returns the buffer to go on with."""
+    chunks += (fp.getvalue(), head, value)
+    return _buffer(implicit)
+
+
 def _write_elements(ds: Dataset, charset, implicit: bool, skip: int = -1) -> list:
     """``pydicom.filewriter.write_dataset``'s loop for a dataset written in the encoding
     it was read in: raw elements as read, others by pydicom's value writers. Returns the
@@ -141,8 +148,7 @@ def _write_elements(ds: Dataset, charset, implicit: bool, skip: int = -1) -> lis
                     raise _Unsupported()
                 head = _header(tag, vr, len(value), undefined, implicit)
                 if len(value) >= _PIECE:
-                    chunks += (fp.getvalue(), head, value)
-                    fp = _buffer(implicit)
+                    fp = _cut(chunks, fp, head, value, implicit)
                     write = fp.write
                 else:
                     write(head)
@@ -164,8 +170,8 @@ def _write_elements(ds: Dataset, charset, implicit: bool, skip: int = -1) -> lis
         if fn in _BINARY_WRITERS and type(value) is bytes and len(value) >= _PIECE:
             # what write_OBvalue / write_OWvalue write: the bytes, padded to even length
             pad = b"\x00" if len(value) % 2 else b""
-            chunks += (fp.getvalue(), _header(tag, vr, len(value) + len(pad), undefined, implicit), value)
-            fp = _buffer(implicit)
+            fp = _cut(chunks, fp, _header(tag, vr, len(value) + len(pad), undefined, implicit), value,
+                      implicit)
             write = fp.write
             write(pad)
             if undefined:

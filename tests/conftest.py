@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,14 @@ def make_broken_inputs(folder: Path, valid: Path, planted: str) -> dict[str, Pat
     out["corrupt"] = folder / "corrupt.dcm"
     out["corrupt"].write_bytes(bytes(raw))
     return out
+
+
+def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    """Wait for a CLI subprocess (10 minutes at most); killed if the wait fails."""
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)

@@ -204,7 +204,8 @@ def build(p: beam.Pipeline, cfg: RunConfig, progress_dir: Optional[str] = None, 
     writers["WriteLinkage"] = (written[LINKAGE], WriteLinkage(run))
     # every sink's parts become visible together, in one step after everything else
     parts = [pcoll | label >> writer for label, (pcoll, writer) in writers.items()]
-    files = (parts | "AllParts" >> beam.Flatten()) | "PublishFiles" >> PublishFiles([w.sink for _, w in writers.values()])
+    files = ((parts | "AllParts" >> beam.Flatten())
+             | "PublishFiles" >> PublishFiles([w.sink for _, w in writers.values()]))
     # files: one (sink name, [published URIs]) per sink, once the run's files are published
     return {"outcomes": outcomes, "dead_letters": dead, "files": files}
 

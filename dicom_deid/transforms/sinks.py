@@ -57,11 +57,14 @@ class Sink:
     suffix: str
     #: "manifest" or "linkage" (Parquet with that schema), or "jsonl"
     kind: str
-    #: Parquet sinks write a file with no row when they received none
-    write_empty: bool
 
     def schema(self):
         return {"manifest": manifest.SCHEMA, "linkage": manifest.LINKAGE_SCHEMA}.get(self.kind)
+
+    @property
+    def write_empty(self) -> bool:
+        """Parquet sinks publish a file with the schema and no row when they received none."""
+        return self.schema() is not None
 
     def temp_folder(self) -> str:
         return f"{self.folder.rstrip('/')}/{TEMP_PREFIX}{self.stem}"
@@ -101,12 +104,17 @@ class _LocalPart:
             self._pq.write_table(pa.Table.from_pylist(self._rows, schema=self.sink.schema()))
             self._rows = []
 
-    def close(self) -> None:
-        if self._pq is not None:
-            self._flush()
-            self._pq.close()
-        else:
-            self._f.close()
+    def publish(self, uri: str) -> None:
+        """Close the file and move it to ``uri`` (nothing of it is left locally)."""
+        try:
+            if self._pq is not None:
+                self._flush()
+                self._pq.close()
+            else:
+                self._f.close()
+            storage.write_file(uri, self.path, move=True)
+        finally:
+            self.discard()
 
     def discard(self) -> None:
         try:
@@ -144,12 +152,8 @@ class _WritePartsFn(beam.DoFn):
         part, self._part = self._part, None
         if part is None:
             return
-        try:
-            part.close()
-            uri = f"{self._sink.temp_folder()}/{uuid.uuid4().hex}{self._sink.suffix}"
-            storage.write_file(uri, part.path, move=True)
-        finally:
-            part.discard()
+        uri = f"{self._sink.temp_folder()}/{uuid.uuid4().hex}{self._sink.suffix}"
+        part.publish(uri)
         yield GlobalWindows.windowed_value((self._sink.name, uri))
 
     def _drop(self):
@@ -181,7 +185,7 @@ class _PublishFn(beam.DoFn):
                 _move(src, dst)
             if not temps and sink.write_empty:
                 finals = [sink.final_name(0, 1)]
-                _write_empty(sink, finals[0])
+                _LocalPart(sink).publish(finals[0])  # a Parquet file with no row group
             yield sink.name, finals
         for folder in {s.temp_folder() for s in self._sinks}:
             storage.delete_prefix(folder)
@@ -203,20 +207,6 @@ def _move(src: str, dst: str) -> None:
         return
     storage.copy(src, dst)
     storage.delete(src)
-
-
-def _write_empty(sink: Sink, uri: str) -> None:
-    import pyarrow.parquet as pq
-    fd, path = tempfile.mkstemp(prefix="dicom-deid-part-", suffix=sink.suffix, dir=tmp_dir())
-    os.close(fd)
-    try:
-        pq.write_table(sink.schema().empty_table(), path, compression="zstd")
-        storage.write_file(uri, path, move=True)
-    finally:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
 
 
 class PublishFiles(beam.PTransform):
@@ -250,7 +240,7 @@ class WriteManifest(_SinkWrite):
         self._progress = progress_dir
         stem = "part" + (f"-{part}" if part else "")
         self.sink = Sink(f"manifest{'-' + part if part else ''}", run.manifest_dir(), stem,
-                         ".parquet", "manifest", write_empty=True)
+                         ".parquet", "manifest")
 
     def records(self, outcomes):
         rows = outcomes | "Rows" >> beam.Map(lambda o: o.row)
@@ -264,8 +254,7 @@ class WriteLinkage(_SinkWrite):
 
     def __init__(self, run: manifest.RunInfo):
         super().__init__()
-        self.sink = Sink("linkage", run.private_dir("linkage"), "part", ".parquet", "linkage",
-                         write_empty=True)
+        self.sink = Sink("linkage", run.private_dir("linkage"), "part", ".parquet", "linkage")
 
     def records(self, rows):
         return rows
@@ -278,8 +267,7 @@ class WriteDeadLetters(_SinkWrite):
 
     def __init__(self, run: manifest.RunInfo):
         super().__init__()
-        self.sink = Sink("dead_letters", run.private_dir("dead_letters"), "part", ".jsonl", "jsonl",
-                         write_empty=False)
+        self.sink = Sink("dead_letters", run.private_dir("dead_letters"), "part", ".jsonl", "jsonl")
 
     def records(self, dead_letters):
         return dead_letters | "ToJson" >> beam.Map(lambda d: json.dumps(d.to_json(), sort_keys=True))

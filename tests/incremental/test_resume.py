@@ -18,7 +18,7 @@ import pytest
 
 from dicom_deid import incremental as inc
 from dicom_deid import sample
-from tests.conftest import write_key
+from tests.conftest import finish, write_key
 from tests.storage import servers
 from tests.storage.conftest import base_env, run_cli
 
@@ -88,13 +88,8 @@ def backfill(s3_store, tmp_path_factory):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         s3_store.proxy.reset()
-        try:
-            _ref_stdout, ref_stderr = ref_proc.communicate(timeout=600)
-        finally:
-            if ref_proc.poll() is None:
-                ref_proc.kill()
-                ref_proc.wait()
-    assert ref_proc.returncode == 0, ref_stderr[-4000:]
+        ref = finish(ref_proc)
+    assert ref.returncode == 0, ref.stderr[-4000:]
     assert killed_at is not None, f"run ended (rc={proc.returncode}) before it could be killed midway"
     assert proc.returncode == -signal.SIGKILL
     recorded_before = _finished(priv, inc.FINAL_STATUSES)

@@ -19,7 +19,7 @@ import pydicom
 import pytest
 
 from dicom_deid import sample
-from tests.conftest import CORPUS, make_broken_inputs, shared_dir, write_key
+from tests.conftest import CORPUS, finish, make_broken_inputs, shared_dir, write_key
 
 MALFORMED_NAME = "VELLACOTT^PRUDENCIA"
 
@@ -29,16 +29,6 @@ def start_cli(*args, env_extra=None) -> subprocess.Popen:
     env.update(env_extra or {})
     return subprocess.Popen([sys.executable, "-m", "dicom_deid.cli", "run", *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-
-
-def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
-    try:
-        stdout, stderr = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def run_cli(*args, env_extra=None):
