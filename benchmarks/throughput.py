@@ -5,6 +5,9 @@ One invocation measures, each run in its own subprocess (so start-up and peak me
 are per run), with the runs interleaved to spread machine drift across them:
 
     baseline   a bare pydicom loop: dcmread + save_as every file, one process
+    baseline2  the same loop on two processes at once, each over every other file (the
+               split the local runner makes for two workers): what this machine gives two
+               perfectly independent processes, the ceiling for p2 / p1
     p1         dicom-deid run, 1 worker (basic policy), N files
     p2         dicom-deid run, 2 workers, N files
     p1_tiny    dicom-deid run, 1 worker, 10 files   (fixed start-up cost of p1)
@@ -333,14 +336,15 @@ def cli_cmd() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "dicom_deid.cli"]
 
 
-def baseline_child(src: str, dst: str) -> int:
-    """The bare loop: read every file with pydicom, write it with save_as (one process)."""
+def baseline_child(src: str, dst: str, part: int = 0, parts: int = 1) -> int:
+    """The bare loop: read every file with pydicom, write it with save_as (one process);
+    with ``parts`` > 1, only every ``parts``-th file from ``part`` on."""
     import warnings
 
     import pydicom
     warnings.simplefilter("ignore")
     src_p, dst_p = Path(src), Path(dst)
-    files = sorted(src_p.rglob("*.dcm"))
+    files = sorted(src_p.rglob("*.dcm"))[part::parts]
     t0 = time.perf_counter()
     n = nbytes = 0
     for f in files:
@@ -352,6 +356,20 @@ def baseline_child(src: str, dst: str) -> int:
         nbytes += f.stat().st_size
     loop = time.perf_counter() - t0
     print(json.dumps({"files": n, "bytes": nbytes, "loop_s": loop}))
+    return 0
+
+
+def baseline2_child(src: str, dst: str) -> int:
+    """Two bare loops at once, over the even and the odd files; prints the longer loop time
+    and the files and bytes of both."""
+    me = [sys.executable, str(Path(__file__).resolve()), "_baseline"]
+    procs = [subprocess.Popen([*me, src, dst, str(k), "2"], stdout=subprocess.PIPE, text=True)
+             for k in range(2)]
+    outs = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+    if any(p.returncode for p in procs):
+        return 1
+    print(json.dumps({"files": sum(o["files"] for o in outs), "bytes": sum(o["bytes"] for o in outs),
+                      "loop_s": max(o["loop_s"] for o in outs), "loop_s_each": [o["loop_s"] for o in outs]}))
     return 0
 
 
@@ -381,8 +399,8 @@ def do_run(name: str, repeat: int, src: Path, n: int, nbytes: int, key: Path) ->
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
     logs = WORK / "logs"
-    if name == "baseline":
-        cmd = [sys.executable, str(Path(__file__).resolve()), "_baseline", str(src), str(base / "out")]
+    if name in ("baseline", "baseline2"):
+        cmd = [sys.executable, str(Path(__file__).resolve()), f"_{name}", str(src), str(base / "out")]
     else:
         workers = 2 if name.startswith("p2") else 1
         cmd = [*cli_cmd(), "run", "--input", f"{src}/**", "--output", str(base / "out"),
@@ -391,7 +409,7 @@ def do_run(name: str, repeat: int, src: Path, n: int, nbytes: int, key: Path) ->
     r = run_measured(cmd, logs / f"{name}-r{repeat}.log")
     r.update(name=name, repeat=repeat, files=n, input_bytes=nbytes, source_digest=source_digest(),
              git_head=git_head())
-    if name == "baseline":
+    if name in ("baseline", "baseline2"):
         try:
             r["internal"] = json.loads(r["stdout"].strip().splitlines()[-1])
         except (ValueError, IndexError):
@@ -450,7 +468,9 @@ def machine() -> dict:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "_baseline":
-        return baseline_child(argv[1], argv[2])
+        return baseline_child(argv[1], argv[2], *(int(v) for v in argv[3:5]))
+    if argv and argv[0] == "_baseline2":
+        return baseline2_child(argv[1], argv[2])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--files", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=1)
@@ -485,7 +505,7 @@ def main(argv=None) -> int:
     root, cmeta = corpus(a.files, a.ct512_share, min(a.patients, a.files), a.seed)
     inputs = {"full": (root, cmeta["n_files"], cmeta["bytes"]),
               "tiny": subset(root, TINY), "mid": subset(root, MID)}
-    plan = [("baseline", "full"), ("p1", "full"), ("p2", "full"),
+    plan = [("baseline", "full"), ("baseline2", "full"), ("p1", "full"), ("p2", "full"),
             ("p1_tiny", "tiny"), ("p1_500", "mid"), ("p2_tiny", "tiny")]
     if a.only:
         wanted = set(a.only.split(","))
@@ -635,6 +655,16 @@ def summarise(runs: list[dict]) -> dict:
                                                       / marg["p1_cpu_ms_per_file"])
         if marg.get("p1_files_per_s") and marg.get("p2_files_per_s"):
             ratio["c_over_b_marginal"] = marg["p2_files_per_s"] / marg["p1_files_per_s"]
+        if g("baseline2"):
+            # the machine's own two-process scaling: the ceiling for c_over_b on this machine
+            a2 = rows["baseline2"]
+            ratio["machine_2proc_over_1proc"] = a2["files_per_s"] / a["files_per_s"]
+            if a.get("internal_s") and a2.get("internal_s"):
+                ratio["machine_2proc_over_1proc_loop"] = a["internal_s"] / a2["internal_s"]
+            ratio["c_over_b_share_of_machine"] = ratio["c_over_b"] / ratio["machine_2proc_over_1proc"]
+            if "c_over_b_marginal" in ratio and "machine_2proc_over_1proc_loop" in ratio:
+                ratio["c_over_b_marginal_share_of_machine"] = (ratio["c_over_b_marginal"]
+                                                               / ratio["machine_2proc_over_1proc_loop"])
         out["marginal"] = marg
         out["ratios"] = ratio
         targets = {
@@ -677,12 +707,12 @@ def summarise(runs: list[dict]) -> dict:
 def report(doc: dict) -> str:
     res = doc["results"]
     rows = res["rows"]
-    label = {"baseline": "a) bare pydicom loop", "p1": "b) pipeline, 1 worker",
+    label = {"baseline": "a) bare pydicom loop", "baseline2": "a2) bare loop, 2 processes", "p1": "b) pipeline, 1 worker",
              "p2": "c) pipeline, 2 workers", "p1_tiny": "b) pipeline, 1 worker (tiny)",
              "p2_tiny": "c) pipeline, 2 workers (tiny)", "p1_500": "b) pipeline, 1 worker (500)"}
     lines = ["| run | files | input MB | wall s | files/s | MB/s | peak tree RSS MB | peak tree PSS MB "
              "| max proc RSS MB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name in ("baseline", "p1", "p2", "p1_tiny", "p2_tiny", "p1_500"):
+    for name in ("baseline", "baseline2", "p1", "p2", "p1_tiny", "p2_tiny", "p1_500"):
         if name not in rows:
             continue
         r = rows[name]
@@ -691,7 +721,7 @@ def report(doc: dict) -> str:
                      f"{r['peak_tree_pss_mb']:.0f} | {r['max_process_rss_mb']:.0f} |")
     lines += ["", "| run | CPU s (tree) | CPU s main / workers | CPU ms/file | CPUs used | other load (CPUs) "
               "| peak main RSS MB | peak workers RSS MB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name in ("baseline", "p1", "p2", "p1_tiny", "p2_tiny", "p1_500"):
+    for name in ("baseline", "baseline2", "p1", "p2", "p1_tiny", "p2_tiny", "p1_500"):
         if name not in rows:
             continue
         r = rows[name]

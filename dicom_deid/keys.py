@@ -134,6 +134,11 @@ def ensure_local_key(path: Optional[Path] = None) -> tuple[KeyRef, bool]:
     return KeyRef(str(path)), True
 
 
+#: entries of :meth:`Deriver.uid`'s cache before it starts again (a few hundred series per
+#: worker fit; see ``Deriver.__init__``)
+_UID_CACHE_MAX = 4096
+
+
 class Deriver:
     """All keyed derivations for one key. Cheap to build; build it in ``setup()``."""
 
@@ -145,6 +150,9 @@ class Deriver:
             raise ConfigError("date offset range is empty")
         self._key = key
         self._lo, self._hi = lo, hi
+        # the UID cache serves the study, series and frame-of-reference UIDs that recur across
+        # a worker's objects; SOP Instance UIDs never recur, so a large cap only grows the
+        # worker by about 250 bytes per object (25 MB at 100,000) for no hits
         self._uid_cache: dict[str, str] = {}
         #: patient key HMAC -> (pseudonym, date offset): HMAC outputs only, bounded
         self._patient_cache: dict[str, tuple] = {}
@@ -219,7 +227,7 @@ class Deriver:
         raw[6] = (raw[6] & 0x0F) | 0x80  # version 8
         raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 9562 variant
         new = "2.25." + str(uuid.UUID(bytes=bytes(raw)).int)
-        if len(self._uid_cache) > 100_000:
+        if len(self._uid_cache) >= _UID_CACHE_MAX:
             self._uid_cache.clear()
         self._uid_cache[original] = new
         return new

@@ -22,6 +22,16 @@ def test_uid_is_2_25_version8_uuid_and_deterministic():
     assert d.uid("1.2.826.0.1.3680043.2.1125.1.12346") != new
 
 
+def test_uid_cache_is_bounded_and_does_not_change_results():
+    d = keys.Deriver(K1)
+    first = [d.uid(f"1.2.3.{i}") for i in range(3)]
+    for i in range(2 * keys._UID_CACHE_MAX + 5):  # one per object, like SOP Instance UIDs
+        d.uid(f"1.2.826.0.1.{i}")
+        assert len(d._uid_cache) <= keys._UID_CACHE_MAX
+    assert [d.uid(f"1.2.3.{i}") for i in range(3)] == first  # recomputed after a clear
+    assert first == [keys.Deriver(K1).uid(f"1.2.3.{i}") for i in range(3)]
+
+
 def test_registry_uids_never_remapped():
     d = keys.Deriver(K1)
     for uid in ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1"):
