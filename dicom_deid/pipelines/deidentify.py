@@ -3,8 +3,8 @@
 ::
 
     patterns -> MatchInputs (FileRef, Reshuffle) -> ReadDicom -> DeidentifyTags <- pseudonym map
-        -> CleanPixels -> CleanAttachments -> VerifyNoPHI -> WriteDicom (stage, group by new
-        SOP UID, commit)
+        -> CleanPixels -> CleanAttachments -> VerifyNoPHI -> WriteDicom (stage; records to
+        files in the staging folder, grouped by shard of the new SOP UID; commit)
     every stage: main + outcome + dead_letter -> WriteManifest (public) / WriteDeadLetters,
     WriteLinkage (private), each a temporary part per bundle -> PublishFiles (one step at the
     end moves every committed part to its final name; see transforms/sinks.py)
@@ -50,7 +50,7 @@ from ..transforms.read import MatchInputs, ReadDicom
 from ..transforms.sinks import PublishFiles, WriteDeadLetters, WriteLinkage, WriteManifest
 from ..transforms.tags import DeidentifyTags
 from ..transforms.verify import VerifyNoPHI
-from ..transforms.write import LINKAGE, WriteDicom
+from ..transforms.write import LINKAGE, STAGING_OUTCOME, WriteDicom
 from ..transforms import incremental
 from .. import housekeeping, memory, storage
 
@@ -177,12 +177,13 @@ def build(p: beam.Pipeline, cfg: RunConfig, progress_dir: Optional[str] = None, 
     written = verified[MAIN] | "WriteDicom" >> WriteDicom(run, after=store_done)
 
     stages = (read, tagged, pixels, attach, verified)
-    stage_parts = [s[OUTCOME] for s in stages]
+    stage_parts = [s[OUTCOME] for s in stages] + [written[STAGING_OUTCOME]]
     if cfg.incremental:
         stage_parts.append(recovered)
         # recorded where each decision is made (before the Flatten), so it is durable early
         incremental.record_all(
             {**{f"Stage{i}": s[OUTCOME] for i, s in enumerate(stages)},
+             "Staging": written[STAGING_OUTCOME],
              "Committed": written[OUTCOME],
              "Recovered": recovered}, run, cfg.policy.label)
         # one manifest writer after every part: an interrupted run publishes its rows only at

@@ -1,51 +1,101 @@
 """``WriteDicom``: stage, decide duplicates, commit. Nothing is overwritten silently.
 
 1. ``Stage`` (fused with the content stages) writes each verified object's bytes to
-   ``{output}/.staging/run-{id}/{input_key}.dcm`` and emits a small record keyed by the new
-   SOP Instance UID (a keyed UID: no PHI), plus the private linkage row.
-2. ``GroupByKey`` on the new SOP UID brings together every input that would land on one
-   output path (only those small records cross the shuffle). A record is one compact bytes
-   value (``_pack``): the local runner holds every record of the run in the launcher's
-   memory until the shuffle is read, and a bytes value costs there about a quarter of a
-   dict of the same row. A failure while staging crosses the same shuffle (keyed
-   ``!{input_key}``, never a SOP UID), so ``Commit`` emits every outcome of this transform
-   and no Flatten is needed after it (each Flatten of the local runner is one more pass of
-   every row through the launcher).
-3. ``Commit`` orders each group by input key: the first one is published (local: rename;
-   object stores: server-side copy of the staged object, which appears atomically, then
-   delete); a later input with the same content fingerprint is ``duplicate``; one with other
-   content is ``quarantined`` (``sop_uid_conflict``). An output already present from an
-   earlier run with identical bytes is left as it is (``ok``); with other bytes the new one
-   is ``quarantined`` (``sop_uid_conflict``), never overwritten.
+   ``{output}/.staging/run-{id}/{input_key}.dcm`` and emits the private linkage row. Its
+   small public record (the manifest columns known so far: keyed UIDs and hashes, no PHI)
+   goes to a local spill file of the bundle, one file per commit shard (the new SOP
+   Instance UID picks the shard); at the end of the bundle each file is uploaded to
+   ``{staging}/records/{bundle}-{shard}.jsonl`` and only ``(shard, URI)`` is emitted.
+   So the records never pass through the runner: the local runner holds every element
+   that crosses a shuffle in the launcher's memory, which made the commit shuffle grow
+   the run's memory by a few kB per object. A bundle that fails leaves record files
+   nobody names (they go with the staging folder); only committed bundles' names reach
+   the commit. A failure while staging leaves as a ``staging_outcome`` row at once.
+2. ``GroupByKey`` on the shard (``COMMIT_SHARDS`` keys) brings together the names of the
+   record files of one shard. JSON Lines, not pickle: the records are read back from
+   bucket storage.
+3. ``Commit`` reads a shard's records, groups them by new SOP UID (every input that would
+   land on one output path) and orders each group by input key: the first one is published
+   (local: rename; object stores: server-side copy of the staged object, which appears
+   atomically, then delete); a later input with the same content fingerprint is
+   ``duplicate``; one with other content is ``quarantined`` (``sop_uid_conflict``). An
+   output already present from an earlier run with identical bytes is left as it is
+   (``ok``); with other bytes the new one is ``quarantined`` (``sop_uid_conflict``), never
+   overwritten. A record file that cannot be read fails the bundle (the runner retries it;
+   a lost record is never skipped).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import tempfile
+import uuid
+import zlib
 
 import apache_beam as beam
+from apache_beam.transforms.window import GlobalWindows
 
 from .. import manifest, storage, writer
 from ..element import DUPLICATE, OK, QUARANTINED, Outcome
-from .common import DEAD_LETTER, MAIN, OUTCOME, TRANSIENT, ObjectStageFn, counter, fail
+from .common import DEAD_LETTER, MAIN, OUTCOME, TRANSIENT, ObjectStageFn, counter, fail, tmp_dir
 
 LINKAGE = "linkage"
+#: rows of inputs that failed while staging (they never reach the commit)
+STAGING_OUTCOME = "staging_outcome"
 SOP_UID_CONFLICT = "sop_uid_conflict"
-#: key prefix of failures that cross the shuffle (SOP UIDs are digits and dots)
-_FAILED_KEY = "!"
+#: groups the commit runs in: each holds about 1/COMMIT_SHARDS of a run's records in a
+#: worker's memory at once, and each bundle of ``Stage`` writes at most this many files
+COMMIT_SHARDS = 32
 
 
-def _pack(input_key: str, row: dict) -> bytes:
-    """A staged record as one compact bytes value (``manifest.pack_values``): the input key
-    and the row's columns. ``row`` holds manifest columns only."""
-    return manifest.pack_values({**row, "input_key": input_key})
+def shard_of(sop_uid) -> int:
+    """Commit shard of a new SOP Instance UID (the same in every process)."""
+    return zlib.crc32(str(sop_uid or "").encode()) % COMMIT_SHARDS
 
 
-def _unpack(data: bytes) -> tuple[str, dict]:
-    """-> (input key, row); a column that was None is left out (``manifest.row`` fills it)."""
-    row = manifest.unpack_values(data)
-    input_key = row.pop("input_key")
-    return input_key, {c: v for c, v in row.items() if v is not None}
+class _RecordSpill:
+    """One bundle's staged records: a local JSON Lines file per shard, uploaded at the end."""
+
+    def __init__(self):
+        self._dir = tempfile.mkdtemp(prefix="dicom-deid-records-", dir=tmp_dir())
+        self._files: dict = {}
+
+    def add(self, sop_uid, input_key: str, row: dict) -> None:
+        shard = shard_of(sop_uid)
+        f = self._files.get(shard)
+        if f is None:
+            f = self._files[shard] = open(os.path.join(self._dir, f"{shard:02d}.jsonl"), "w",
+                                          encoding="utf-8")
+        f.write(json.dumps([sop_uid, input_key, row], separators=(",", ":")) + "\n")
+
+    def publish(self, folder: str):
+        """Upload every shard's file; yields ``(shard, URI)``."""
+        bundle = uuid.uuid4().hex
+        try:
+            for shard, f in sorted(self._files.items()):
+                f.close()
+                uri = f"{folder}/{bundle}-{shard:02d}.jsonl"
+                storage.write_file(uri, f.name, content_type="application/json", move=True)
+                yield shard, uri
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def read_records(uri: str):
+    """``(sop_uid, input_key, row)`` of one record file."""
+    data = b"".join(storage.iter_chunks(uri))
+    for line in data.decode("utf-8").splitlines():
+        if line:
+            sop, key, row = json.loads(line)
+            yield sop, key, row
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -91,15 +141,12 @@ class WriteDicom(beam.PTransform):
             OUTCOME, DEAD_LETTER, LINKAGE, main=MAIN)
         side = {} if self._after is None else {"_after": beam.pvalue.AsSingleton(self._after)}
         committed = (
-            staged[MAIN]
-            | "BySopUid" >> beam.GroupByKey()
+            staged[MAIN]  # (shard, record file URI), one per shard and bundle
+            | "ByShard" >> beam.GroupByKey()
             | "Commit" >> beam.ParDo(_CommitFn(self._run), **side)
         )
-        # every outcome comes out of Commit (staging failures cross the shuffle too), so no
-        # Flatten: each one costs the local runner another pass of every row through the
-        # launcher, and consumers fuse with Commit (the incremental record is written as
-        # commits happen)
-        return {OUTCOME: committed, DEAD_LETTER: staged[DEAD_LETTER], LINKAGE: staged[LINKAGE]}
+        return {OUTCOME: committed, STAGING_OUTCOME: staged[OUTCOME], DEAD_LETTER: staged[DEAD_LETTER],
+                LINKAGE: staged[LINKAGE]}
 
 
 class _StageFn(ObjectStageFn):
@@ -107,21 +154,33 @@ class _StageFn(ObjectStageFn):
     module = "write"
 
     def setup(self):
+        storage.configure()
         self._staged = counter("write", "objects_staged")
+        self._spill = None
 
-    def process(self, obj, *args, **kwargs):
-        for out in super().process(obj, *args, **kwargs):
-            if isinstance(out, beam.pvalue.TaggedOutput) and out.tag == OUTCOME:
-                # a staging failure: its row crosses the shuffle beside the records
-                yield (_FAILED_KEY + out.value.row["input_key"], out.value)
-            else:
-                yield out
+    def start_bundle(self):
+        self._drop()  # left by a bundle that failed in this instance
 
     def handle(self, obj):
         try:
             yield from self._stage(obj)
         finally:
             obj.release()  # temp files go also when staging fails (transient errors included)
+
+    def finish_bundle(self):
+        spill, self._spill = self._spill, None
+        if spill is None:
+            return
+        for shard, uri in spill.publish(f"{self._run.staging_dir()}/records"):
+            yield GlobalWindows.windowed_value((shard, uri))
+
+    def _drop(self):
+        if getattr(self, "_spill", None) is not None:
+            self._spill.discard()
+        self._spill = None
+
+    def teardown(self):
+        self._drop()
 
     def _stage(self, obj):
         f = obj.facts
@@ -138,10 +197,9 @@ class _StageFn(ObjectStageFn):
             write_bytes(staged, data)
             size, sha = len(data), writer.sha256(data)
         self._staged.inc()
-        cols = {k: v for k, v in f.items() if k in manifest.COLUMNS}
+        cols = {k: v for k, v in f.items() if k in manifest.COLUMNS and v is not None}
         cols.update(content_fingerprint=obj.fingerprint, output_path=final, output_size=size,
                     output_sha256=sha)
-        record = _pack(obj.ref.input_key, cols)  # the staged path follows from the input key
         p = obj.private
         link = manifest.linkage_row(
             self._run.run_id, input_key=obj.ref.input_key, input_uri=obj.ref.uri,
@@ -154,10 +212,11 @@ class _StageFn(ObjectStageFn):
             original_sop_uid=p.get("original_sop_uid"), sop_uid=f.get("sop_uid"),
             original_frame_of_reference_uid=p.get("original_frame_of_reference_uid"),
             frame_of_reference_uid=p.get("frame_of_reference_uid"), output_path=final)
-        sop = f.get("sop_uid")
         obj.release()
+        if self._spill is None:
+            self._spill = _RecordSpill()
+        self._spill.add(f.get("sop_uid"), obj.ref.input_key, cols)  # staged path follows from the key
         yield beam.pvalue.TaggedOutput(LINKAGE, link)
-        yield (sop, record)
 
 
 class _CommitFn(beam.DoFn):
@@ -165,16 +224,21 @@ class _CommitFn(beam.DoFn):
         self._run = run
 
     def setup(self):
+        storage.configure()
         self._ok = counter("write", "objects_written")
         self._dup = counter("write", "duplicates")
         self._conflict = counter("write", "sop_uid_conflicts")
 
     def process(self, element, _after=None):
-        key, values = element
-        if isinstance(key, str) and key.startswith(_FAILED_KEY):
-            yield from values  # failures while staging: their outcomes, as they were
-            return
-        records = sorted((_unpack(v) for v in values), key=lambda r: r[0])
+        _shard, uris = element
+        groups: dict = {}
+        for uri in sorted(uris):
+            for sop, key, row in read_records(uri):
+                groups.setdefault(sop, []).append((key, row))
+        for sop in sorted(groups, key=str):
+            yield from self._commit(sorted(groups.pop(sop), key=lambda r: r[0]))
+
+    def _commit(self, records):
         staging = self._run.staging_dir()
         records = [{"input_key": k, "staged": f"{staging}/{k}.dcm", "row": row} for k, row in records]
         winner = records[0]

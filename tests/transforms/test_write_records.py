@@ -1,0 +1,108 @@
+"""WriteDicom's staged records: spilled to files per commit shard, never through the runner."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+
+from dicom_deid import storage
+from dicom_deid.manifest import RunInfo
+from dicom_deid.transforms import write
+
+
+def _run(tmp_path) -> RunInfo:
+    return RunInfo("rec-run", "basic", "1", "0", str(tmp_path / "o"), str(tmp_path / "p"))
+
+
+def _sop(i: int) -> str:
+    return f"2.25.{1000 + i}"
+
+
+def test_records_spill_per_shard_and_read_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("DICOM_DEID_TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    spill = write._RecordSpill()
+    rows = {f"k{i:03d}": {"modality": "CT", "output_size": i, "deid_method_codes": ["113100"]}
+            for i in range(200)}
+    for i, (key, row) in enumerate(rows.items()):
+        spill.add(_sop(i), key, row)
+    published = list(spill.publish(str(tmp_path / "records")))
+    assert len(published) == len({s for s, _ in published}) <= write.COMMIT_SHARDS
+    assert os.listdir(tmp_path / "tmp") == []  # the local spill is gone
+    seen = {}
+    for shard, uri in published:
+        for sop, key, row in write.read_records(uri):
+            assert write.shard_of(sop) == shard
+            seen[key] = row
+    assert seen == rows
+    # the shard of a UID is the same in every process (not Python's salted hash)
+    assert write.shard_of("2.25.1") == write.shard_of("2.25.1") and 0 <= write.shard_of(None) < write.COMMIT_SHARDS
+
+
+def test_failed_upload_leaves_no_local_spill(tmp_path, monkeypatch):
+    monkeypatch.setenv("DICOM_DEID_TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    spill = write._RecordSpill()
+    for i in range(50):
+        spill.add(_sop(i), f"k{i}", {"modality": "CT"})
+    calls = []
+
+    def flaky(uri, path, **kw):
+        calls.append(uri)
+        if len(calls) == 2:
+            raise ConnectionError("upload failed")
+        return real(uri, path, **kw)
+
+    real = storage.write_file
+    monkeypatch.setattr(storage, "write_file", flaky)
+    with pytest.raises(ConnectionError):
+        list(spill.publish(str(tmp_path / "records")))
+    assert os.listdir(tmp_path / "tmp") == []
+
+
+def _stage(run, key: str, data: bytes) -> dict:
+    staged = f"{run.staging_dir()}/{key}.dcm"
+    storage.write_bytes(staged, data)
+    return {"content_fingerprint": hashlib.sha256(data).hexdigest()[:32], "output_size": len(data),
+            "output_sha256": hashlib.sha256(data).hexdigest(), "modality": "CT"}
+
+
+def test_commit_groups_a_shard_by_sop_uid(tmp_path):
+    run = _run(tmp_path)
+    final = f"{run.output}/P/1/2/{_sop(1)}.dcm"
+    other = f"{run.output}/P/1/2/{_sop(2)}.dcm"
+    recs = {
+        "a": (_sop(1), _stage(run, "a", b"same bytes")),
+        "b": (_sop(1), _stage(run, "b", b"same bytes")),       # identical input: duplicate
+        "c": (_sop(1), _stage(run, "c", b"other bytes")),      # same SOP UID, other content
+        "d": (_sop(2), _stage(run, "d", b"fourth")),
+    }
+    # two bundles' files of one shard, records in no particular order
+    files = []
+    for bundle in (("c", "a"), ("d", "b")):
+        spill = write._RecordSpill()
+        for key in bundle:
+            sop, row = recs[key]
+            spill.add(sop, key, {**row, "output_path": final if sop == _sop(1) else other})
+        files += [uri for _, uri in spill.publish(f"{run.staging_dir()}/records")]
+    fn = write._CommitFn(run)
+    fn.setup()
+    out = [o.row for o in fn.process((0, list(reversed(files))))]
+    by_key = {r["input_key"]: r for r in out}
+    assert sorted(by_key) == ["a", "b", "c", "d"]
+    assert (by_key["a"]["status"], by_key["a"]["output_path"]) == ("ok", final)
+    assert (by_key["b"]["status"], by_key["b"]["reason"]) == ("duplicate", "identical_input")
+    assert (by_key["c"]["status"], by_key["c"]["reason"]) == ("quarantined", "sop_uid_conflict")
+    assert by_key["c"]["output_path"] is None and by_key["d"]["status"] == "ok"
+    assert open(storage.local_path(final), "rb").read() == b"same bytes"
+    assert by_key["a"]["deid_method_codes"] == [] and by_key["a"]["modality"] == "CT"
+
+
+def test_commit_fails_on_a_missing_record_file(tmp_path):
+    run = _run(tmp_path)
+    fn = write._CommitFn(run)
+    fn.setup()
+    with pytest.raises(Exception):  # never a silent skip: the bundle fails and is retried
+        list(fn.process((3, [f"{run.staging_dir()}/records/gone-03.jsonl"])))
