@@ -73,6 +73,30 @@ class ObjectStageFn(beam.DoFn):
         raise NotImplementedError
 
 
+class BundleLocalFile:
+    """Mixin of DoFns that gather a bundle's records in a local file (``self._local``: any
+    object with ``discard()``) and upload it when the bundle finishes: what a bundle that
+    failed in this instance left is dropped at the next bundle and at teardown."""
+
+    _local = None
+
+    def start_bundle(self):
+        self._drop_local()
+
+    def teardown(self):
+        self._drop_local()
+
+    def _take_local(self):
+        """The bundle's local file (None when it had no record), no longer held here."""
+        local, self._local = self._local, None
+        return local
+
+    def _drop_local(self):
+        if self._local is not None:
+            self._local.discard()
+        self._local = None
+
+
 def tmp_dir() -> str:
     return os.environ.get("DICOM_DEID_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
 

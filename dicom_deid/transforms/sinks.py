@@ -32,17 +32,19 @@ import json
 import os
 import tempfile
 import uuid
-from typing import Optional
 
 import apache_beam as beam
 from apache_beam.transforms.window import GlobalWindows
 
 from .. import manifest, storage
-from .common import tmp_dir
+from .common import BundleLocalFile, tmp_dir
 
-#: rows a Parquet writer buffers before it writes them as a row group (a manifest row is
-#: about 40 columns; this is a few MB of Python objects at most)
+#: rows a Parquet writer buffers before it writes them as a row group
 ROW_GROUP_ROWS = 2000
+#: rows held as Python dicts before they become one Arrow record batch: a manifest row is
+#: about 40 columns, some 3 kB as a dict and a few hundred bytes in Arrow, so a row group
+#: waits as batches (about 1 MB) rather than as 2,000 dicts (about 7 MB)
+BATCH_ROWS = 250
 #: the folder prefix of unpublished parts (also what ``dicom-deid gc`` removes)
 TEMP_PREFIX = "beam-temp-"
 
@@ -80,6 +82,8 @@ class _LocalPart:
         self.sink = sink
         fd, self.path = tempfile.mkstemp(prefix="dicom-deid-part-", suffix=sink.suffix, dir=tmp_dir())
         self._rows: list = []
+        self._batches: list = []
+        self._batched = 0
         self._pq = None
         schema = sink.schema()
         if schema is None:
@@ -95,14 +99,26 @@ class _LocalPart:
             self._f.write(record.encode("utf-8") + b"\n")
             return
         self._rows.append(record)
-        if len(self._rows) >= ROW_GROUP_ROWS:
-            self._flush()
+        if len(self._rows) >= BATCH_ROWS:
+            self._batch()
+            if self._batched >= ROW_GROUP_ROWS:
+                self._flush()
 
-    def _flush(self) -> None:
+    def _batch(self) -> None:
         if self._rows:
             import pyarrow as pa
-            self._pq.write_table(pa.Table.from_pylist(self._rows, schema=self.sink.schema()))
+            self._batches.append(pa.RecordBatch.from_pylist(self._rows, schema=self.sink.schema()))
+            self._batched += len(self._rows)
             self._rows = []
+
+    def _flush(self) -> None:
+        """Write what is buffered as one row group."""
+        self._batch()
+        if self._batches:
+            import pyarrow as pa
+            self._pq.write_table(pa.Table.from_batches(self._batches),
+                                 row_group_size=max(self._batched, 1))
+            self._batches, self._batched = [], 0
 
     def publish(self, uri: str) -> None:
         """Close the file and move it to ``uri`` (nothing of it is left locally)."""
@@ -130,7 +146,7 @@ class _LocalPart:
             pass
 
 
-class _WritePartsFn(beam.DoFn):
+class _WritePartsFn(BundleLocalFile, beam.DoFn):
     """Records -> one temporary object per bundle; emits ``(sink name, temporary URI)``."""
 
     def __init__(self, sink: Sink):
@@ -138,31 +154,19 @@ class _WritePartsFn(beam.DoFn):
 
     def setup(self):
         storage.configure()
-        self._part: Optional[_LocalPart] = None
-
-    def start_bundle(self):
-        self._drop()  # left by a bundle that failed in this instance
 
     def process(self, record):
-        if self._part is None:
-            self._part = _LocalPart(self._sink)
-        self._part.add(record)
+        if self._local is None:
+            self._local = _LocalPart(self._sink)
+        self._local.add(record)
 
     def finish_bundle(self):
-        part, self._part = self._part, None
+        part = self._take_local()
         if part is None:
             return
         uri = f"{self._sink.temp_folder()}/{uuid.uuid4().hex}{self._sink.suffix}"
         part.publish(uri)
         yield GlobalWindows.windowed_value((self._sink.name, uri))
-
-    def _drop(self):
-        if getattr(self, "_part", None) is not None:
-            self._part.discard()
-        self._part = None
-
-    def teardown(self):
-        self._drop()
 
 
 class _PublishFn(beam.DoFn):

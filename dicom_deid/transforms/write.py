@@ -39,7 +39,8 @@ from apache_beam.transforms.window import GlobalWindows
 
 from .. import manifest, storage, writer
 from ..element import DUPLICATE, OK, QUARANTINED, Outcome
-from .common import DEAD_LETTER, MAIN, OUTCOME, TRANSIENT, ObjectStageFn, counter, fail, tmp_dir
+from .common import (DEAD_LETTER, MAIN, OUTCOME, TRANSIENT, BundleLocalFile, ObjectStageFn, counter,
+                     fail, tmp_dir)
 
 LINKAGE = "linkage"
 #: rows of inputs that failed while staging (they never reach the commit)
@@ -149,17 +150,13 @@ class WriteDicom(beam.PTransform):
                 LINKAGE: staged[LINKAGE]}
 
 
-class _StageFn(ObjectStageFn):
+class _StageFn(BundleLocalFile, ObjectStageFn):
     stage = "write"
     module = "write"
 
     def setup(self):
         storage.configure()
         self._staged = counter("write", "objects_staged")
-        self._spill = None
-
-    def start_bundle(self):
-        self._drop()  # left by a bundle that failed in this instance
 
     def handle(self, obj):
         try:
@@ -168,19 +165,11 @@ class _StageFn(ObjectStageFn):
             obj.release()  # temp files go also when staging fails (transient errors included)
 
     def finish_bundle(self):
-        spill, self._spill = self._spill, None
+        spill = self._take_local()
         if spill is None:
             return
         for shard, uri in spill.publish(f"{self._run.staging_dir()}/records"):
             yield GlobalWindows.windowed_value((shard, uri))
-
-    def _drop(self):
-        if getattr(self, "_spill", None) is not None:
-            self._spill.discard()
-        self._spill = None
-
-    def teardown(self):
-        self._drop()
 
     def _stage(self, obj):
         f = obj.facts
@@ -213,9 +202,9 @@ class _StageFn(ObjectStageFn):
             original_frame_of_reference_uid=p.get("original_frame_of_reference_uid"),
             frame_of_reference_uid=p.get("frame_of_reference_uid"), output_path=final)
         obj.release()
-        if self._spill is None:
-            self._spill = _RecordSpill()
-        self._spill.add(f.get("sop_uid"), obj.ref.input_key, cols)  # staged path follows from the key
+        if self._local is None:
+            self._local = _RecordSpill()
+        self._local.add(f.get("sop_uid"), obj.ref.input_key, cols)  # staged path follows from the key
         yield beam.pvalue.TaggedOutput(LINKAGE, link)
 
 

@@ -99,7 +99,11 @@ def test_only_named_parts_are_published_and_a_repeated_publish_changes_nothing(t
     # rows are written in row groups, not held until the file closes
     assert pq.ParquetFile(finals[0]).metadata.num_row_groups == 1
     big = _write_parts(sink, _rows(run, sinks.ROW_GROUP_ROWS * 2 + 1), bundles=1)
-    assert pq.ParquetFile(big[0][1]).metadata.num_row_groups == 3
+    meta = pq.ParquetFile(big[0][1]).metadata
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [
+        sinks.ROW_GROUP_ROWS, sinks.ROW_GROUP_ROWS, 1]
+    assert pq.read_table(big[0][1]).column("input_key").to_pylist() == [
+        f"key-{i:05d}" for i in range(sinks.ROW_GROUP_ROWS * 2 + 1)]
 
 
 def test_a_committed_part_that_vanished_fails_the_publish(tmp_path):
