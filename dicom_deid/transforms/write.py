@@ -128,7 +128,9 @@ def discard(staged: str) -> None:
 
 
 class WriteDicom(beam.PTransform):
-    """Verified DicomObjects -> published objects. Outputs: outcome, dead_letter, linkage."""
+    """Verified DicomObjects -> published objects. Outputs: ``outcome`` (every input that
+    reached the commit), ``staging_outcome`` (inputs that failed while staging),
+    ``dead_letter``, ``linkage``."""
 
     def __init__(self, run: manifest.RunInfo, after=None):
         super().__init__()
