@@ -50,7 +50,7 @@ from ..transforms.read import MatchInputs, ReadDicom
 from ..transforms.sinks import PublishFiles, WriteDeadLetters, WriteLinkage, WriteManifest
 from ..transforms.tags import DeidentifyTags
 from ..transforms.verify import VerifyNoPHI
-from ..transforms.write import LINKAGE, STAGING_OUTCOME, WriteDicom
+from ..transforms.write import COMMIT_DEAD_LETTER, LINKAGE, STAGING_OUTCOME, WriteDicom
 from ..transforms import incremental
 from .. import housekeeping, memory, storage
 
@@ -202,6 +202,8 @@ def build(p: beam.Pipeline, cfg: RunConfig, progress_dir: Optional[str] = None, 
                                               WriteManifest(run, progress_dir, part="committed"))}
     dead = ([s[DEAD_LETTER] for s in stages] + [written[DEAD_LETTER]]) | "AllDeadLetters" >> beam.Flatten()
     writers["WriteDeadLetters"] = (dead, WriteDeadLetters(run))
+    # the commit's own (rare) failures, written where they happen (no Flatten across stages)
+    writers["WriteCommitDeadLetters"] = (written[COMMIT_DEAD_LETTER], WriteDeadLetters(run, part="commit"))
     writers["WriteLinkage"] = (written[LINKAGE], WriteLinkage(run))
     # every sink's parts become visible together, in one step after everything else
     parts = [pcoll | label >> writer for label, (pcoll, writer) in writers.items()]

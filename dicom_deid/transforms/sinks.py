@@ -265,13 +265,14 @@ class WriteLinkage(_SinkWrite):
 
 
 class WriteDeadLetters(_SinkWrite):
-    """DeadLetters -> parts of ``{private}/dead_letters/run-{id}/part-*.jsonl`` (class,
+    """DeadLetters -> parts of ``{private}/dead_letters/run-{id}/part[-{part}]-*.jsonl`` (class,
     stage, fixed description and the input URI; never an exception message). A run without
     dead letters has no file here."""
 
-    def __init__(self, run: manifest.RunInfo):
+    def __init__(self, run: manifest.RunInfo, part: str = ""):
         super().__init__()
-        self.sink = Sink("dead_letters", run.private_dir("dead_letters"), "part", ".jsonl", "jsonl")
+        self.sink = Sink(f"dead_letters{'-' + part if part else ''}", run.private_dir("dead_letters"),
+                         "part" + (f"-{part}" if part else ""), ".jsonl", "jsonl")
 
     def records(self, dead_letters):
         return dead_letters | "ToJson" >> beam.Map(lambda d: json.dumps(d.to_json(), sort_keys=True))

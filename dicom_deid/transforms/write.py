@@ -45,6 +45,9 @@ from .common import (DEAD_LETTER, MAIN, OUTCOME, TRANSIENT, BundleLocalFile, Obj
 LINKAGE = "linkage"
 #: rows of inputs that failed while staging (they never reach the commit)
 STAGING_OUTCOME = "staging_outcome"
+#: dead letters of inputs that failed in the commit (their URI did not cross the shuffle:
+#: the linkage row of the same input key has it)
+COMMIT_DEAD_LETTER = "commit_dead_letter"
 SOP_UID_CONFLICT = "sop_uid_conflict"
 #: groups the commit runs in: each holds about 1/COMMIT_SHARDS of a run's records in a
 #: worker's memory at once, and each bundle of ``Stage`` writes at most this many files
@@ -130,7 +133,7 @@ def discard(staged: str) -> None:
 class WriteDicom(beam.PTransform):
     """Verified DicomObjects -> published objects. Outputs: ``outcome`` (every input that
     reached the commit), ``staging_outcome`` (inputs that failed while staging),
-    ``dead_letter``, ``linkage``."""
+    ``dead_letter`` (staging), ``commit_dead_letter``, ``linkage``."""
 
     def __init__(self, run: manifest.RunInfo, after=None):
         super().__init__()
@@ -146,10 +149,10 @@ class WriteDicom(beam.PTransform):
         committed = (
             staged[MAIN]  # (shard, record file URI), one per shard and bundle
             | "ByShard" >> beam.GroupByKey()
-            | "Commit" >> beam.ParDo(_CommitFn(self._run), **side)
+            | "Commit" >> beam.ParDo(_CommitFn(self._run), **side).with_outputs(DEAD_LETTER, main=MAIN)
         )
-        return {OUTCOME: committed, STAGING_OUTCOME: staged[OUTCOME], DEAD_LETTER: staged[DEAD_LETTER],
-                LINKAGE: staged[LINKAGE]}
+        return {OUTCOME: committed[MAIN], STAGING_OUTCOME: staged[OUTCOME], DEAD_LETTER: staged[DEAD_LETTER],
+                COMMIT_DEAD_LETTER: committed[DEAD_LETTER], LINKAGE: staged[LINKAGE]}
 
 
 class _StageFn(BundleLocalFile, ObjectStageFn):
@@ -238,6 +241,10 @@ class _CommitFn(beam.DoFn):
             existing = storage.sha256_of(final)
         except TRANSIENT:
             raise
+        except Exception as exc:  # the output path cannot be read: the group cannot be decided
+            for rec in records:
+                yield from self._failed(rec, exc)
+            return
         for i, rec in enumerate(records):
             row = dict(rec["row"])
             try:
@@ -260,9 +267,7 @@ class _CommitFn(beam.DoFn):
             except TRANSIENT:
                 raise
             except Exception as exc:
-                for out in fail(self._run, _Ref(rec["input_key"]), "write", exc, module="write"):
-                    if out.tag == OUTCOME:
-                        yield out.value
+                yield from self._failed(rec, exc)
                 continue
             if status != OK:
                 row["output_path"] = None
@@ -270,6 +275,13 @@ class _CommitFn(beam.DoFn):
             row.update(extra)
             yield Outcome(manifest.row(self._run, rec["input_key"], status,
                                        **{k: v for k, v in row.items() if k not in _ROW_FIXED}), {})
+
+
+    def _failed(self, rec, exc):
+        """A permanent failure of one input in the commit: its row and its dead letter."""
+        discard(rec["staged"])
+        for out in fail(self._run, _Ref(rec["input_key"]), "write", exc, module="write"):
+            yield out.value if out.tag == OUTCOME else out
 
 
 _ROW_FIXED = {"schema_version", "run_id", "timestamp", "input_key", "status", "policy_name",

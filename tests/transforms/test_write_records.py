@@ -106,3 +106,21 @@ def test_commit_fails_on_a_missing_record_file(tmp_path):
     fn.setup()
     with pytest.raises(Exception):  # never a silent skip: the bundle fails and is retried
         list(fn.process((3, [f"{run.staging_dir()}/records/gone-03.jsonl"])))
+
+
+def test_a_commit_failure_is_a_row_and_a_value_free_dead_letter(tmp_path):
+    run = _run(tmp_path)
+    final = f"{run.output}/P/1/2/{_sop(7)}.dcm"
+    os.makedirs(storage.local_path(final) + "/JOHN^DOE")  # a folder where the output goes
+    spill = write._RecordSpill()
+    spill.add(_sop(7), "k7", {**_stage(run, "k7", b"bytes"), "output_path": final})
+    files = [uri for _, uri in spill.publish(f"{run.staging_dir()}/records")]
+    fn = write._CommitFn(run)
+    fn.setup()
+    out = list(fn.process((write.shard_of(_sop(7)), files)))
+    rows = [o.row for o in out if not hasattr(o, "tag")]
+    dead = [o.value for o in out if getattr(o, "tag", None) == write.DEAD_LETTER]
+    assert [(r["input_key"], r["status"], r["stage"]) for r in rows] == [("k7", "failed", "write")]
+    assert rows[0]["output_path"] is None or rows[0]["output_path"] == final
+    assert len(dead) == 1 and dead[0].input_key == "k7" and dead[0].stage == "write"
+    assert dead[0].error_class.endswith("Error") and "JOHN" not in str(dead[0].to_json())
