@@ -210,7 +210,7 @@ def build(p: beam.Pipeline, cfg: RunConfig, progress_dir: Optional[str] = None, 
     files = ((parts | "AllParts" >> beam.Flatten())
              | "PublishFiles" >> PublishFiles([w.sink for _, w in writers.values()]))
     # files: one (sink name, [published URIs]) per sink, once the run's files are published
-    return {"outcomes": outcomes, "dead_letters": dead, "files": files}
+    return {"outcomes": outcomes, "dead_letters": [dead, written[COMMIT_DEAD_LETTER]], "files": files}
 
 
 def count_inputs(patterns) -> Optional[int]:

@@ -45,6 +45,7 @@ ROW_GROUP_ROWS = 2000
 #: about 40 columns, some 3 kB as a dict and a few hundred bytes in Arrow, so a row group
 #: waits as batches (about 1 MB) rather than as 2,000 dicts (about 7 MB)
 BATCH_ROWS = 250
+assert ROW_GROUP_ROWS % BATCH_ROWS == 0, "row groups are whole batches"
 #: the folder prefix of unpublished parts (also what ``dicom-deid gc`` removes)
 TEMP_PREFIX = "beam-temp-"
 
@@ -267,7 +268,8 @@ class WriteLinkage(_SinkWrite):
 class WriteDeadLetters(_SinkWrite):
     """DeadLetters -> parts of ``{private}/dead_letters/run-{id}/part[-{part}]-*.jsonl`` (class,
     stage, fixed description and the input URI; never an exception message). A run without
-    dead letters has no file here."""
+    dead letters has no file here. The commit's own failures (``part="commit"``) have an empty
+    URI: none crosses the shuffle before the commit; the linkage row of the input key has it."""
 
     def __init__(self, run: manifest.RunInfo, part: str = ""):
         super().__init__()

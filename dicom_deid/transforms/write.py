@@ -39,6 +39,7 @@ from apache_beam.transforms.window import GlobalWindows
 
 from .. import manifest, storage, writer
 from ..element import DUPLICATE, OK, QUARANTINED, Outcome
+from ..errors import StorageError
 from .common import (DEAD_LETTER, MAIN, OUTCOME, TRANSIENT, BundleLocalFile, ObjectStageFn, counter,
                      fail, tmp_dir)
 
@@ -207,9 +208,15 @@ class _StageFn(BundleLocalFile, ObjectStageFn):
             original_frame_of_reference_uid=p.get("original_frame_of_reference_uid"),
             frame_of_reference_uid=p.get("frame_of_reference_uid"), output_path=final)
         obj.release()
-        if self._local is None:
-            self._local = _RecordSpill()
-        self._local.add(f.get("sop_uid"), obj.ref.input_key, cols)  # staged path follows from the key
+        try:
+            if self._local is None:
+                self._local = _RecordSpill()
+            self._local.add(f.get("sop_uid"), obj.ref.input_key, cols)  # staged path follows from the key
+        except Exception as exc:
+            # a failed write may have lost buffered lines of inputs staged before this one, so
+            # it is never this input's failure: the whole bundle runs again (transient)
+            self._drop_local()
+            raise StorageError("the bundle's record spill failed") from exc
         yield beam.pvalue.TaggedOutput(LINKAGE, link)
 
 
@@ -245,8 +252,12 @@ class _CommitFn(beam.DoFn):
             for rec in records:
                 yield from self._failed(rec, exc)
             return
+        winner_failed = None
         for i, rec in enumerate(records):
             row = dict(rec["row"])
+            if winner_failed is not None:  # nothing was published to be a duplicate of
+                yield from self._failed(rec, winner_failed)
+                continue
             try:
                 if i == 0:
                     if existing is None:
@@ -267,6 +278,8 @@ class _CommitFn(beam.DoFn):
             except TRANSIENT:
                 raise
             except Exception as exc:
+                if i == 0:
+                    winner_failed = exc
                 yield from self._failed(rec, exc)
                 continue
             if status != OK:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import types
 
 import pytest
 
 from dicom_deid import storage
+from dicom_deid.errors import StorageError
 from dicom_deid.manifest import RunInfo
 from dicom_deid.transforms import write
 
@@ -114,13 +116,69 @@ def test_a_commit_failure_is_a_row_and_a_value_free_dead_letter(tmp_path):
     os.makedirs(storage.local_path(final) + "/JOHN^DOE")  # a folder where the output goes
     spill = write._RecordSpill()
     spill.add(_sop(7), "k7", {**_stage(run, "k7", b"bytes"), "output_path": final})
+    # an identical input: with nothing published it is no duplicate, it fails with the group
+    spill.add(_sop(7), "k8", {**_stage(run, "k8", b"bytes"), "output_path": final})
     files = [uri for _, uri in spill.publish(f"{run.staging_dir()}/records")]
     fn = write._CommitFn(run)
     fn.setup()
     out = list(fn.process((write.shard_of(_sop(7)), files)))
     rows = [o.row for o in out if not hasattr(o, "tag")]
     dead = [o.value for o in out if getattr(o, "tag", None) == write.DEAD_LETTER]
-    assert [(r["input_key"], r["status"], r["stage"]) for r in rows] == [("k7", "failed", "write")]
-    assert rows[0]["output_path"] is None or rows[0]["output_path"] == final
-    assert len(dead) == 1 and dead[0].input_key == "k7" and dead[0].stage == "write"
-    assert dead[0].error_class.endswith("Error") and "JOHN" not in str(dead[0].to_json())
+    assert [(r["input_key"], r["status"], r["stage"]) for r in rows] == [
+        ("k7", "failed", "write"), ("k8", "failed", "write")]
+    assert all(r["output_path"] is None for r in rows)
+    assert [d.input_key for d in dead] == ["k7", "k8"] and {d.stage for d in dead} == {"write"}
+    assert dead[0].error_class.endswith("Error") and "JOHN" not in str([d.to_json() for d in dead])
+
+
+class _Obj:
+    """The parts of a DicomObject the staging step reads."""
+
+    def __init__(self, i: int):
+        self.facts = {"sop_uid": _sop(i), "study_uid": "2.25.1", "series_uid": "2.25.2",
+                      "pseudo_patient_id": "DDTEST", "modality": "CT"}
+        self.ref = types.SimpleNamespace(input_key=f"k{i:03d}", uri=f"/in/JOHN^DOE/{i}.dcm")
+        self.output_file, self.output_bytes = None, b"DICM" * (i + 1)
+        self.fingerprint, self.private = f"fp{i}", {}
+
+    def release(self):
+        pass
+
+
+def test_stage_spills_records_and_emits_only_their_names(tmp_path):
+    run = _run(tmp_path)
+    fn = write._StageFn(run)
+    fn.setup()
+    fn.start_bundle()
+    outs = [o for i in range(40) for o in fn.process(_Obj(i))]
+    assert {o.tag for o in outs} == {write.LINKAGE}  # records leave only at the bundle's end
+    named = [wv.value for wv in fn.finish_bundle()]
+    got = {key: (sop, row) for _, uri in named for sop, key, row in write.read_records(uri)}
+    assert sorted(got) == [f"k{i:03d}" for i in range(40)]
+    assert got["k003"][0] == _sop(3) and got["k003"][1]["output_size"] == 16
+    assert not any("JOHN" in open(storage.local_path(uri)).read() for _, uri in named)
+    fn.teardown()
+
+
+def test_a_failed_spill_write_fails_the_bundle_not_one_input(tmp_path, monkeypatch):
+    run = _run(tmp_path)
+    fn = write._StageFn(run)
+    fn.setup()
+    fn.start_bundle()
+    for i in range(3):
+        list(fn.process(_Obj(i)))
+    real = write._RecordSpill.add
+
+    def full(self, *a):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(write._RecordSpill, "add", full)
+    with pytest.raises(StorageError):  # transient: the runner runs the whole bundle again
+        list(fn.process(_Obj(3)))
+    assert fn._local is None  # the spill of the broken bundle is gone
+    monkeypatch.setattr(write._RecordSpill, "add", real)
+    fn.start_bundle()  # the retry
+    for i in range(4):
+        list(fn.process(_Obj(i)))
+    named = [wv.value for wv in fn.finish_bundle()]
+    assert sorted(k for _, uri in named for _, k, _ in write.read_records(uri)) == [f"k{i:03d}" for i in range(4)]
