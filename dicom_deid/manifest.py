@@ -147,9 +147,9 @@ def row(run, input_key: str, status: str, **fields) -> dict:
 
 def pack_values(row: dict) -> bytes:
     """A row's values in column order (no names; a missing column as None), pickled and
-    compressed: how rows cross stage boundaries and shuffles (``element.Outcome.__reduce__``,
-    the staged records of ``transforms.write``). The local runner keeps every row of a run
-    in the launcher's memory between stages, and this is about a third of a pickled dict."""
+    compressed: how rows cross stage boundaries and shuffles (``element.Outcome.__reduce__``).
+    The local runner keeps every row of a run in the launcher's memory between stages, and
+    this is about a third of a pickled dict."""
     return _zlib.compress(_pickle.dumps(tuple(row.get(c) for c in COLUMNS), protocol=5), 1)
 
 

@@ -76,17 +76,17 @@ class Sink:
         return f"{self.folder.rstrip('/')}/{self.stem}-{i:05d}-of-{n:05d}{self.suffix}"
 
 
-class _LocalPart:
-    """One bundle's records in a local temporary file."""
+class LocalPart:
+    """One bundle's records in a local temporary file: Parquet with ``schema`` (rows as
+    dicts), else lines of text; :meth:`publish` uploads it, :meth:`discard` drops it."""
 
-    def __init__(self, sink: Sink):
-        self.sink = sink
-        fd, self.path = tempfile.mkstemp(prefix="dicom-deid-part-", suffix=sink.suffix, dir=tmp_dir())
+    def __init__(self, suffix: str, schema=None):
+        fd, self.path = tempfile.mkstemp(prefix="dicom-deid-part-", suffix=suffix, dir=tmp_dir())
+        self._schema = schema
         self._rows: list = []
         self._batches: list = []
         self._batched = 0
         self._pq = None
-        schema = sink.schema()
         if schema is None:
             self._f = os.fdopen(fd, "wb")
         else:
@@ -108,7 +108,7 @@ class _LocalPart:
     def _batch(self) -> None:
         if self._rows:
             import pyarrow as pa
-            self._batches.append(pa.RecordBatch.from_pylist(self._rows, schema=self.sink.schema()))
+            self._batches.append(pa.RecordBatch.from_pylist(self._rows, schema=self._schema))
             self._batched += len(self._rows)
             self._rows = []
 
@@ -158,7 +158,7 @@ class _WritePartsFn(BundleLocalFile, beam.DoFn):
 
     def process(self, record):
         if self._local is None:
-            self._local = _LocalPart(self._sink)
+            self._local = LocalPart(self._sink.suffix, self._sink.schema())
         self._local.add(record)
 
     def finish_bundle(self):
@@ -190,7 +190,7 @@ class _PublishFn(beam.DoFn):
                 _move(src, dst)
             if not temps and sink.write_empty:
                 finals = [sink.final_name(0, 1)]
-                _LocalPart(sink).publish(finals[0])  # a Parquet file with no row group
+                LocalPart(sink.suffix, sink.schema()).publish(finals[0])  # a Parquet file with no row group
             yield sink.name, finals
         for folder in {s.temp_folder() for s in self._sinks}:
             storage.delete_prefix(folder)

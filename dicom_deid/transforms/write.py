@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import uuid
 import zlib
 
@@ -40,8 +38,8 @@ from apache_beam.transforms.window import GlobalWindows
 from .. import manifest, storage, writer
 from ..element import DUPLICATE, OK, QUARANTINED, Outcome
 from ..errors import StorageError
-from .common import (DEAD_LETTER, MAIN, OUTCOME, TRANSIENT, BundleLocalFile, ObjectStageFn, counter,
-                     fail, tmp_dir)
+from .common import DEAD_LETTER, MAIN, OUTCOME, TRANSIENT, BundleLocalFile, ObjectStageFn, counter, fail
+from .sinks import LocalPart
 
 LINKAGE = "linkage"
 #: rows of inputs that failed while staging (they never reach the commit)
@@ -61,37 +59,33 @@ def shard_of(sop_uid) -> int:
 
 
 class _RecordSpill:
-    """One bundle's staged records: a local JSON Lines file per shard, uploaded at the end."""
+    """One bundle's staged records: a local JSON Lines part per shard, uploaded at the end."""
 
     def __init__(self):
-        self._dir = tempfile.mkdtemp(prefix="dicom-deid-records-", dir=tmp_dir())
-        self._files: dict = {}
+        self._parts: dict = {}
 
     def add(self, sop_uid, input_key: str, row: dict) -> None:
         shard = shard_of(sop_uid)
-        f = self._files.get(shard)
-        if f is None:
-            f = self._files[shard] = open(os.path.join(self._dir, f"{shard:02d}.jsonl"), "w",
-                                          encoding="utf-8")
-        f.write(json.dumps([sop_uid, input_key, row], separators=(",", ":")) + "\n")
+        part = self._parts.get(shard)
+        if part is None:
+            part = self._parts[shard] = LocalPart(".jsonl")
+        part.add(json.dumps([sop_uid, input_key, row], separators=(",", ":")))
 
     def publish(self, folder: str):
-        """Upload every shard's file; yields ``(shard, URI)``."""
+        """Upload every shard's part; yields ``(shard, URI)``."""
         bundle = uuid.uuid4().hex
         try:
-            for shard, f in sorted(self._files.items()):
-                f.close()
+            for shard, part in sorted(self._parts.items()):
                 uri = f"{folder}/{bundle}-{shard:02d}.jsonl"
-                storage.write_file(uri, f.name, content_type="application/json", move=True)
+                part.publish(uri)
                 yield shard, uri
         finally:
             self.discard()
 
     def discard(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files = {}
-        shutil.rmtree(self._dir, ignore_errors=True)
+        for part in self._parts.values():
+            part.discard()
+        self._parts = {}
 
 
 def read_records(uri: str):
@@ -288,7 +282,6 @@ class _CommitFn(beam.DoFn):
             row.update(extra)
             yield Outcome(manifest.row(self._run, rec["input_key"], status,
                                        **{k: v for k, v in row.items() if k not in _ROW_FIXED}), {})
-
 
     def _failed(self, rec, exc):
         """A permanent failure of one input in the commit: its row and its dead letter."""
