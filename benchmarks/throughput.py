@@ -365,9 +365,10 @@ def baseline2_child(src: str, dst: str) -> int:
     me = [sys.executable, str(Path(__file__).resolve()), "_baseline"]
     procs = [subprocess.Popen([*me, src, dst, str(k), "2"], stdout=subprocess.PIPE, text=True)
              for k in range(2)]
-    outs = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+    stdouts = [p.communicate()[0] for p in procs]
     if any(p.returncode for p in procs):
         return 1
+    outs = [json.loads(out.strip().splitlines()[-1]) for out in stdouts]
     print(json.dumps({"files": sum(o["files"] for o in outs), "bytes": sum(o["bytes"] for o in outs),
                       "loop_s": max(o["loop_s"] for o in outs), "loop_s_each": [o["loop_s"] for o in outs]}))
     return 0
