@@ -73,7 +73,8 @@ def role(pid: int, root: int) -> str:
         return "M"
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return "W" if b"sdk_worker_main" in f.read() else "o"
+            cmd = f.read()
+            return "W" if b"sdk_worker_main" in cmd or b"dicom_deid.worker" in cmd else "o"
     except OSError:
         return "o"
 

@@ -162,7 +162,7 @@ class TreeSampler(threading.Thread):
                         cmd = f.read()
                 except OSError:
                     cmd = b""
-                role = "worker" if b"sdk_worker_main" in cmd else "other"
+                role = "worker" if (b"sdk_worker_main" in cmd or b"dicom_deid.worker" in cmd) else "other"
             self._roles[pid] = role
         return self._roles[pid]
 
@@ -404,7 +404,9 @@ def do_run(name: str, repeat: int, src: Path, n: int, nbytes: int, key: Path) ->
         cmd = [sys.executable, str(Path(__file__).resolve()), f"_{name}", str(src), str(base / "out")]
     else:
         workers = 2 if name.startswith("p2") else 1
-        cmd = [*cli_cmd(), "run", "--input", f"{src}/**", "--output", str(base / "out"),
+        stage_log = base / "stages.jsonl"
+        # the CLI through stage_times.py: the same run, with each stage's start and end logged
+        cmd = [sys.executable, str(HERE / "stage_times.py"), str(stage_log), "run", "--input", f"{src}/**", "--output", str(base / "out"),
                "--private", str(base / "private"), "--key", str(key), "--no-progress",
                f"--direct_num_workers={workers}"]
     r = run_measured(cmd, logs / f"{name}-r{repeat}.log")
@@ -423,6 +425,9 @@ def do_run(name: str, repeat: int, src: Path, n: int, nbytes: int, key: Path) ->
                                                "seconds", "objects_per_second", "num_workers",
                                                "running_mode", "runner")}
         r["internal_s"] = s.get("seconds")
+        sys.path.insert(0, str(HERE))
+        from stage_times import split
+        r["stages"] = split(str(stage_log)) if stage_log.exists() else {}
     r["outputs_written"] = sum(1 for _ in (base / "out").rglob("*.dcm"))
     r.pop("stdout", None)
     shutil.rmtree(base, ignore_errors=True)
@@ -624,6 +629,12 @@ def summarise(runs: list[dict]) -> dict:
             "by_status": [r.get("summary", {}).get("by_status") for r in rs] if "summary" in rs[0] else None,
             "outputs_written": [r["outputs_written"] for r in rs],
             "returncodes": [r["returncode"] for r in rs],
+            # the local runner's stages (stage_times.py): start-up, the main stage, the rest
+            "main_stage_s": med(r.get("stages", {}).get("main_stage_s") for r in rs),
+            "before_main_s": med(r.get("stages", {}).get("before_main_s") for r in rs),
+            "after_main_s": med(r.get("stages", {}).get("after_main_s") for r in rs),
+            "outside_main_s": med((r["wall_s"] - r["stages"]["main_stage_s"]) if r.get("stages") else None
+                                  for r in rs),
             "source_digests": sorted({r["source_digest"] for r in rs}),
         }
     out = {"rows": rows}
@@ -666,6 +677,13 @@ def summarise(runs: list[dict]) -> dict:
             if "c_over_b_marginal" in ratio and "machine_2proc_over_1proc_loop" in ratio:
                 ratio["c_over_b_marginal_share_of_machine"] = (ratio["c_over_b_marginal"]
                                                                / ratio["machine_2proc_over_1proc_loop"])
+        if b.get("main_stage_s") and c.get("main_stage_s"):
+            # the stage that reads and de-identifies every object, alone: how the work itself
+            # scales, without the fixed start-up and end of a run (which do not scale)
+            ratio["c_over_b_main_stage"] = b["main_stage_s"] / c["main_stage_s"]
+            if "machine_2proc_over_1proc_loop" in ratio:
+                ratio["c_over_b_main_stage_share_of_machine"] = (ratio["c_over_b_main_stage"]
+                                                                 / ratio["machine_2proc_over_1proc_loop"])
         out["marginal"] = marg
         out["ratios"] = ratio
         targets = {

@@ -107,10 +107,11 @@ def make_runner(opts: PipelineOptions):
         # freed run-sized buffers go back to the system (dicom_deid.memory; the workers start
         # trimming in ReadDicom's setup)
         memory.configure_local_run()
-        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+        # Beam's FnApiRunner; its workers leave without interpreter finalisation (local_runner)
+        from .local_runner import LocalRunner
         # FnApiRunner() alone gives its multi-processing workers *no* pipeline options
         # (Beam 2.77): hand them ours (storage endpoints, --beam_plugins, log level)
-        return FnApiRunner(provision_info=storage.worker_provision_info(opts))
+        return LocalRunner(provision_info=storage.worker_provision_info(opts))
     return None  # Beam resolves the runner named in the options
 
 
@@ -352,7 +353,7 @@ def run(cfg: RunConfig, beam_args: Sequence[str] = (), stream=None) -> dict:
         if lease is not None:
             lease.stop()
     cleanup_staging(cfg)
-    summary = summary_mod.summarize(cfg, time.time() - t0, runner=type(p.runner).__name__,
+    summary = summary_mod.summarize(cfg, time.time() - t0, runner=LOCAL_RUNNER if local else type(p.runner).__name__,
                                     running_mode=opts.view_as(DirectOptions).direct_running_mode if local else None,
                                     num_workers=opts.view_as(DirectOptions).direct_num_workers if local else None)
     if cfg.incremental:
