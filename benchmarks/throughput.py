@@ -465,9 +465,20 @@ def machine() -> dict:
     except OSError:
         pass
     from importlib.metadata import version  # no imports of the packages themselves (RSS)
+    from importlib.util import find_spec
+
+    def installed(name: str) -> bool:
+        try:
+            return find_spec(name) is not None
+        except (ImportError, ValueError):
+            return False
     return {"nproc": os.cpu_count(), "cpu_model": model, "ram_gib": round(mem_kb / 2**20, 1),
             "python": platform.python_version(), "pydicom": version("pydicom"),
             "apache_beam": version("apache-beam"), "dicom_deid": version("dicom-deid"), "platform": platform.platform(),
+            # which environment ran: optional packages Beam imports when they are there (pandas
+            # from the tests extra, the GCP and AWS clients) make every process start slower
+            "python_executable": sys.executable,
+            "optional_packages_installed": {m: installed(m) for m in ("pandas", "google.cloud.storage", "boto3")},
             "loadavg_at_start": os.getloadavg()}
 
 
