@@ -11,7 +11,10 @@ This module runs the same harness, ``sdk_worker_main.main``. When it returns nor
 harness has stopped: every bundle has been answered, every DoFn torn down, its log handler
 closed. It then runs the ``atexit`` handlers (what Beam, gRPC, the standard library and we
 registered), flushes stdio and leaves with ``os._exit(0)``: only the finalisation is skipped.
-A harness that raises is not touched: the exception propagates and the interpreter exits the
+What ``os._exit`` does skip besides: joining non-daemon threads (the worker has none; every
+thread Beam starts there is a daemon, and our DoFns start none that outlive their bundle)
+and flushing C-level stdio buffers. A DoFn that ever starts background work must finish it
+in ``teardown``, which the harness runs before it returns. A harness that raises is not touched: the exception propagates and the interpreter exits the
 usual way, with a traceback and a non-zero status, which the runner reports.
 
 The local runner (:class:`dicom_deid.pipelines.local_runner.LocalRunner`) starts workers

@@ -12,6 +12,7 @@ workers receive are the FnApiRunner's. An environment with any other command (a 
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 
@@ -27,7 +28,9 @@ def beam_worker_command() -> str:
 
 
 def worker_command() -> str:
-    return f"{shlex.quote(sys.executable)} -m {WORKER_MODULE}"
+    # Beam runs it with shell=True: quoted for a POSIX shell (Beam's own is not quoted at all)
+    exe = shlex.quote(sys.executable) if os.name == "posix" else sys.executable
+    return f"{exe} -m {WORKER_MODULE}"
 
 
 def use_own_workers(pipeline_proto) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -20,19 +21,55 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from dicom_deid.pipelines import local_runner
 
+REPO = str(Path(__file__).resolve().parents[2])
+
 
 def _main_module(_element) -> str:
     main = sys.modules["__main__"]
     return getattr(getattr(main, "__spec__", None), "name", None) or "?"
 
 
-def test_workers_run_dicom_deid_worker_and_the_run_ends_cleanly():
+class _MarkTeardown(beam.DoFn):
+    """Writes a file in teardown: proof the worker ran its DoFns' teardown before it left."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def process(self, element):
+        yield element
+
+    def teardown(self):
+        with open(os.path.join(self.folder, f"teardown-{os.getpid()}"), "w") as f:
+            f.write("done")
+
+
+def test_workers_run_dicom_deid_worker_exit_zero_after_teardown(tmp_path, monkeypatch):
+    # the workers unpickle this module's functions: they must find it whatever the cwd
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+    # Beam only logs a worker's non-zero exit (in the thread that waits for it): record it
+    from apache_beam.runners.portability import local_job_service
+    outcomes = []
+    original = local_job_service.SubprocessSdkWorker.run
+
+    def run(self):
+        try:
+            original(self)
+        except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised as Beam would
+            outcomes.append(type(exc).__name__)
+            raise
+        outcomes.append("exit 0")
+
+    monkeypatch.setattr(local_job_service.SubprocessSdkWorker, "run", run)
     opts = PipelineOptions(["--direct_num_workers=2", "--direct_running_mode=multi_processing"])
     p = beam.Pipeline(runner=local_runner.LocalRunner(), options=opts)
-    names = p | beam.Create(range(6)) | beam.Map(_main_module)
+    names = (p | beam.Create(range(6)) | beam.ParDo(_MarkTeardown(str(tmp_path)))
+             | beam.Map(_main_module))
     assert_that(names, equal_to(["dicom_deid.worker"] * 6))
     result = p.run()
     assert result.wait_until_finish() == "DONE"
+    assert outcomes == ["exit 0", "exit 0"]
+    marks = sorted(tmp_path.glob("teardown-*"))
+    assert len(marks) == 2 and all(m.read_text() == "done" for m in marks)
 
 
 def _env(command: str) -> beam_runner_api_pb2.Environment:
@@ -66,7 +103,8 @@ def test_clean_exit_runs_atexit_handlers_and_flushes_stdio():
     assert r.stderr == "err-buffered"
 
 
-def test_a_harness_that_cannot_start_exits_non_zero():
+def test_a_harness_that_fails_exits_non_zero():
+    """No control address: Beam's harness raises while it starts; the error is not swallowed."""
     env = {k: v for k, v in os.environ.items() if not k.endswith("_API_SERVICE_DESCRIPTOR")}
     env["PIPELINE_OPTIONS"] = "{}"
     r = subprocess.run([sys.executable, "-m", "dicom_deid.worker"], capture_output=True, text=True,
