@@ -379,7 +379,7 @@ def source_digest() -> str:
     records which code it ran."""
     import hashlib
     h = hashlib.sha256()
-    pkg = HERE.parent / "dicom_deid"
+    pkg = package_dir()
     for f in sorted(pkg.rglob("*")):
         if f.is_file() and "__pycache__" not in f.parts:
             h.update(str(f.relative_to(pkg)).encode())
@@ -387,9 +387,19 @@ def source_digest() -> str:
     return h.hexdigest()[:12]
 
 
+def package_dir() -> Path:
+    """The dicom_deid the runs import (``PYTHONPATH`` first, as in the children), not imported here.
+
+    Run from the root of the tree you measure: the SDK workers start with ``python -m``, which
+    puts their working directory first on ``sys.path``."""
+    from importlib.util import find_spec
+    spec = find_spec("dicom_deid")
+    return Path(spec.origin).parent if spec and spec.origin else HERE.parent / "dicom_deid"
+
+
 def git_head() -> str:
     try:
-        return subprocess.run(["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"],
+        return subprocess.run(["git", "-C", str(package_dir().parent), "rev-parse", "--short", "HEAD"],
                               capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
