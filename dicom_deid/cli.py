@@ -178,6 +178,8 @@ def _quiet_logs() -> None:
     for name in ("apache_beam", "root"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger().setLevel(logging.WARNING)
+    from . import beamlogs
+    beamlogs.drop_not_applicable()  # Beam's start-up lines that do not apply to this pipeline
 
 
 def cmd_inspect(args) -> int:

@@ -30,6 +30,8 @@ from typing import Optional, Sequence
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    from . import beamlogs
+    beamlogs.configure_worker()  # before Beam's import logs anything (see beamlogs)
     from apache_beam.runners.worker import sdk_worker_main
     sdk_worker_main.main(list(sys.argv if argv is None else argv))
     leave()

@@ -128,6 +128,10 @@ def test_runner_was_the_local_fnapi_multiprocessing(world):
     assert summary["num_workers"] == (os.cpu_count() or 1)
     assert summary["inputs"] == world["n_inputs"]
     assert "progress: " in world["runs"][0].stderr
+    # Beam's start-up lines that do not apply here, and the workers' INFO, are not printed
+    from dicom_deid.beamlogs import NOT_APPLICABLE
+    for run in world["runs"]:
+        assert not any(text in run.stderr for text in NOT_APPLICABLE + ("Logging handler created",))
 
 
 def test_broken_inputs_become_distinct_dead_letters(world):

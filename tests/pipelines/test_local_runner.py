@@ -111,3 +111,21 @@ def test_a_harness_that_fails_exits_non_zero():
                        env=env, timeout=120)
     assert r.returncode != 0
     assert "Traceback" in r.stderr
+
+
+def test_worker_logging_errors_on_stderr_beams_inapplicable_lines_dropped():
+    code = ("import logging\n"
+            "from dicom_deid import beamlogs\n"
+            "beamlogs.configure_worker()\n"
+            "logging.warning('apitools not found, and bigquery client libraries are not available x')\n"
+            "logging.getLogger('apache_beam.runners.worker.sdk_worker_main').warning(\n"
+            "    'No semi_persistent_directory found: %s', 'y')\n"
+            "logging.getLogger('some.module').info('an info line')\n"
+            "logging.getLogger('some.module').warning('a warning line')\n"
+            "logging.getLogger('some.module').error('an error line')\n"
+            "logging.getLogger('apache_beam.runners.worker.sdk_worker_main').error('harness error')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0
+    lines = r.stderr.splitlines()
+    assert lines == ["ERROR some.module: an error line",
+                     "ERROR apache_beam.runners.worker.sdk_worker_main: harness error"]
