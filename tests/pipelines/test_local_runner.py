@@ -89,15 +89,19 @@ def test_only_beams_own_worker_command_is_replaced():
     assert local_runner.use_own_workers(proto) == 0  # already ours: nothing to do
 
 
+def _python(*lines: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "\n".join(lines)], capture_output=True, text=True,
+                          timeout=120)
+
+
 def test_clean_exit_runs_atexit_handlers_and_flushes_stdio():
-    code = ("import atexit, sys\n"
-            "from dicom_deid import worker\n"
-            "atexit.register(lambda: print('atexit handler ran'))\n"
-            "print('buffered', end='')\n"
-            "sys.stderr.write('err-buffered')\n"
-            "worker.leave()\n"
-            "print('never printed')\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = _python("import atexit, sys",
+                "from dicom_deid import worker",
+                "atexit.register(lambda: print('atexit handler ran'))",
+                "print('buffered', end='')",
+                "sys.stderr.write('err-buffered')",
+                "worker.leave()",
+                "print('never printed')")
     assert r.returncode == 0
     assert r.stdout == "bufferedatexit handler ran\n"
     assert r.stderr == "err-buffered"
@@ -114,18 +118,16 @@ def test_a_harness_that_fails_exits_non_zero():
 
 
 def test_worker_logging_errors_on_stderr_beams_inapplicable_lines_dropped():
-    code = ("import logging\n"
-            "from dicom_deid import beamlogs\n"
-            "beamlogs.configure_worker()\n"
-            "logging.warning('apitools not found, and bigquery client libraries are not available x')\n"
-            "logging.getLogger('apache_beam.runners.worker.sdk_worker_main').warning(\n"
-            "    'No semi_persistent_directory found: %s', 'y')\n"
-            "logging.getLogger('some.module').info('an info line')\n"
-            "logging.getLogger('some.module').warning('a warning line')\n"
-            "logging.getLogger('some.module').error('an error line')\n"
-            "logging.getLogger('apache_beam.runners.worker.sdk_worker_main').error('harness error')\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    harness = "logging.getLogger('apache_beam.runners.worker.sdk_worker_main')"
+    r = _python("import logging",
+                "from dicom_deid import beamlogs",
+                "beamlogs.configure_worker()",
+                "logging.warning('apitools not found, and bigquery client libraries are not available x')",
+                f"{harness}.warning('No semi_persistent_directory found: %s', 'y')",
+                "logging.getLogger('some.module').info('an info line')",
+                "logging.getLogger('some.module').warning('a warning line')",
+                "logging.getLogger('some.module').error('an error line')",
+                f"{harness}.error('harness error')")
     assert r.returncode == 0
-    lines = r.stderr.splitlines()
-    assert lines == ["ERROR some.module: an error line",
-                     "ERROR apache_beam.runners.worker.sdk_worker_main: harness error"]
+    assert r.stderr.splitlines() == ["ERROR some.module: an error line",
+                                     "ERROR apache_beam.runners.worker.sdk_worker_main: harness error"]
