@@ -13,6 +13,10 @@ are per run), with the runs interleaved to spread machine drift across them:
     p1_tiny    dicom-deid run, 1 worker, 10 files   (fixed start-up cost of p1)
     p2_tiny    dicom-deid run, 2 workers, 10 files  (fixed start-up cost of p2)
     p1_500     dicom-deid run, 1 worker, 500 files  (memory flatness vs p1)
+    p1x2       two whole ``dicom-deid run``s of 1 worker at once, over the even and the odd
+               files (the halves of p2's split): what this machine gives two independent
+               pipelines, so whether two workers in one run lose anything that two separate
+               runs do not
 
 The corpus (``dicom_deid.sample.generate``: N files, 60 % 512x512 CT slices, 100
 patients) is generated once and cached under ``benchmarks/_work/``; the smaller inputs are
@@ -162,7 +166,12 @@ class TreeSampler(threading.Thread):
                         cmd = f.read()
                 except OSError:
                     cmd = b""
-                role = "worker" if (b"sdk_worker_main" in cmd or b"dicom_deid.worker" in cmd) else "other"
+                if b"sdk_worker_main" in cmd or b"dicom_deid.worker" in cmd:
+                    role = "worker"
+                elif b"stage_times.py" in cmd:  # a launcher below p1x2's parent
+                    role = "main"
+                else:
+                    role = "other"
             self._roles[pid] = role
         return self._roles[pid]
 
@@ -319,6 +328,28 @@ def subset(root: Path, m: int) -> tuple[Path, int, int]:
     return dest, m, sum(f.stat().st_size for f in picked)
 
 
+def halves(root: Path) -> tuple[Path, Path]:
+    """Two directories of hard links: the even and the odd files of ``root`` in sorted
+    order (cached), as the local runner splits the inputs between two workers."""
+    files = sorted(root.rglob("*.dcm"))
+    out = []
+    for k in range(2):
+        dest = WORK / f"{root.name}-half{k}"
+        picked = files[k::2]
+        have = sorted(dest.rglob("*.dcm")) if dest.exists() else []
+        if len(have) != len(picked):
+            shutil.rmtree(dest, ignore_errors=True)
+            for f in picked:
+                target = dest / f.relative_to(root)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(f, target)
+                except OSError:
+                    shutil.copy2(f, target)
+        out.append(dest)
+    return out[0], out[1]
+
+
 def warm_cache(root: Path) -> None:
     for f in sorted(root.rglob("*.dcm")):
         with open(f, "rb") as fh:
@@ -374,6 +405,24 @@ def baseline2_child(src: str, dst: str) -> int:
     return 0
 
 
+def pipeline_cmd(src: Path, base: Path, key: Path, workers: int, tag: str = "") -> list[str]:
+    """The CLI through stage_times.py: the same run, with each stage's start and end logged
+    to ``{base}/stages{tag}.jsonl``."""
+    return [sys.executable, str(HERE / "stage_times.py"), str(base / f"stages{tag}.jsonl"), "run",
+            "--input", f"{src}/**", "--output", str(base / f"out{tag}"),
+            "--private", str(base / f"private{tag}"), "--key", str(key), "--no-progress",
+            f"--direct_num_workers={workers}"]
+
+
+def pipeline2_child(base: str, key: str, half0: str, half1: str) -> int:
+    """Two one-worker pipeline runs at once, one per half; each one's output and stage log
+    under ``base`` with the suffix 0 or 1."""
+    procs = [subprocess.Popen(pipeline_cmd(Path(src), Path(base), Path(key), 1, str(k)))
+             for k, src in enumerate((half0, half1))]
+    codes = [p.wait() for p in procs]
+    return max(codes)
+
+
 def source_digest() -> str:
     """Short digest of dicom_deid/ (*.py, data): the repo is edited concurrently, so each run
     records which code it ran."""
@@ -410,15 +459,14 @@ def do_run(name: str, repeat: int, src: Path, n: int, nbytes: int, key: Path) ->
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
     logs = WORK / "logs"
+    tags = ["0", "1"] if name == "p1x2" else [""]
     if name in ("baseline", "baseline2"):
         cmd = [sys.executable, str(Path(__file__).resolve()), f"_{name}", str(src), str(base / "out")]
+    elif name == "p1x2":
+        cmd = [sys.executable, str(Path(__file__).resolve()), "_pipeline2", str(base), str(key),
+               *(str(h) for h in halves(src))]
     else:
-        workers = 2 if name.startswith("p2") else 1
-        stage_log = base / "stages.jsonl"
-        # the CLI through stage_times.py: the same run, with each stage's start and end logged
-        cmd = [sys.executable, str(HERE / "stage_times.py"), str(stage_log), "run", "--input", f"{src}/**", "--output", str(base / "out"),
-               "--private", str(base / "private"), "--key", str(key), "--no-progress",
-               f"--direct_num_workers={workers}"]
+        cmd = pipeline_cmd(src, base, key, 2 if name.startswith("p2") else 1)
     r = run_measured(cmd, logs / f"{name}-r{repeat}.log")
     r.update(name=name, repeat=repeat, files=n, input_bytes=nbytes, source_digest=source_digest(),
              git_head=git_head())
@@ -429,19 +477,40 @@ def do_run(name: str, repeat: int, src: Path, n: int, nbytes: int, key: Path) ->
             r["internal"] = None
         r["internal_s"] = (r["internal"] or {}).get("loop_s")
     else:
-        summaries = sorted((base / "out" / "summaries").glob("run-*.json"))
-        s = json.loads(summaries[-1].read_text()) if summaries else {}
-        r["summary"] = {k: s.get(k) for k in ("inputs", "by_status", "by_reason", "by_modality",
-                                               "seconds", "objects_per_second", "num_workers",
-                                               "running_mode", "runner")}
-        r["internal_s"] = s.get("seconds")
         sys.path.insert(0, str(HERE))
         from stage_times import split
-        r["stages"] = split(str(stage_log)) if stage_log.exists() else {}
-    r["outputs_written"] = sum(1 for _ in (base / "out").rglob("*.dcm"))
+        each = []
+        for tag in tags:
+            summaries = sorted((base / f"out{tag}" / "summaries").glob("run-*.json"))
+            s = json.loads(summaries[-1].read_text()) if summaries else {}
+            stage_log = base / f"stages{tag}.jsonl"
+            each.append(({k: s.get(k) for k in ("inputs", "by_status", "by_reason", "by_modality",
+                                                 "seconds", "objects_per_second", "num_workers",
+                                                 "running_mode", "runner")},
+                          split(str(stage_log)) if stage_log.exists() else {}))
+        if len(each) == 1:
+            r["summary"], r["stages"] = each[0]
+        else:  # p1x2: the pair ends with its slower run
+            r["summary"] = {"inputs": sum(s.get("inputs") or 0 for s, _ in each),
+                            "by_status": _add_counts(s.get("by_status") for s, _ in each),
+                            "seconds": max((s.get("seconds") or 0 for s, _ in each), default=None),
+                            "each": [s for s, _ in each]}
+            r["stages"] = {k: max(st[k] for _, st in each) if all(st.get(k) is not None for _, st in each)
+                           else None for k in ("before_main_s", "main_stage_s", "after_main_s")}
+            r["stages"]["each"] = [st for _, st in each]
+        r["internal_s"] = r["summary"].get("seconds")
+    r["outputs_written"] = sum(1 for tag in tags for _ in (base / f"out{tag}").rglob("*.dcm"))
     r.pop("stdout", None)
     shutil.rmtree(base, ignore_errors=True)
     return r
+
+
+def _add_counts(dicts) -> dict:
+    out: dict = {}
+    for d in dicts:
+        for k, v in (d or {}).items():
+            out[k] = out.get(k, 0) + v
+    return out
 
 
 def plateau_mb(run: dict) -> float | None:
@@ -498,6 +567,8 @@ def main(argv=None) -> int:
         return baseline_child(argv[1], argv[2], *(int(v) for v in argv[3:5]))
     if argv and argv[0] == "_baseline2":
         return baseline2_child(argv[1], argv[2])
+    if argv and argv[0] == "_pipeline2":
+        return pipeline2_child(*argv[1:5])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--files", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=1)
@@ -512,7 +583,8 @@ def main(argv=None) -> int:
     ap.add_argument("--retries", type=int, default=2,
                     help="re-run a failed run up to this many times (the repo may be mid-edit)")
     ap.add_argument("--only", default="", metavar="NAMES",
-                    help="comma separated subset of runs: baseline,p1,p2,p1_tiny,p1_500,p2_tiny")
+                    help="comma separated subset of runs: baseline,baseline2,p1,p2,p1x2,p1_tiny,"
+                         "p1_500,p2_tiny")
     ap.add_argument("--out", type=Path, default=RESULTS / "throughput.json")
     ap.add_argument("--resummarise", type=Path, metavar="JSON",
                     help="recompute results and the report of an earlier results file, run nothing")
@@ -533,7 +605,7 @@ def main(argv=None) -> int:
     inputs = {"full": (root, cmeta["n_files"], cmeta["bytes"]),
               "tiny": subset(root, TINY), "mid": subset(root, MID)}
     plan = [("baseline", "full"), ("baseline2", "full"), ("p1", "full"), ("p2", "full"),
-            ("p1_tiny", "tiny"), ("p1_500", "mid"), ("p2_tiny", "tiny")]
+            ("p1x2", "full"), ("p1_tiny", "tiny"), ("p1_500", "mid"), ("p2_tiny", "tiny")]
     if a.only:
         wanted = set(a.only.split(","))
         unknown = wanted - {n for n, _ in plan}
@@ -705,6 +777,27 @@ def summarise(runs: list[dict]) -> dict:
             if "machine_2proc_over_1proc_loop" in ratio:
                 ratio["c_over_b_main_stage_share_of_machine"] = (ratio["c_over_b_main_stage"]
                                                                  / ratio["machine_2proc_over_1proc_loop"])
+            if c.get("outside_main_s") is not None and "machine_2proc_over_1proc_loop" in ratio:
+                # the best p2 / p1 this machine allows with the time this run spent outside
+                # the main stage: the main stage scaled as two independent bare loops do
+                ratio["c_over_b_ceiling"] = b["wall_s"] / (
+                    b["main_stage_s"] / ratio["machine_2proc_over_1proc_loop"] + c["outside_main_s"])
+        # CPU of the same work on two busy CPUs against one: the bare loop, two whole
+        # pipelines (p1x2) and two workers of one pipeline (p2), each against its single run
+        if g("baseline2"):
+            ratio["cpu_baseline2_over_baseline"] = rows["baseline2"]["cpu_s"] / a["cpu_s"]
+        if b.get("cpu_workers_s"):
+            ratio["cpu_workers_p2_over_p1"] = c["cpu_workers_s"] / b["cpu_workers_s"]
+        if g("p1x2"):
+            d = rows["p1x2"]
+            # two independent one-worker pipelines, each over half the files: what this
+            # machine gives the pipeline's own work on two processes
+            ratio["pipeline_2proc_over_1proc"] = d["files_per_s"] / b["files_per_s"]
+            ratio["c_over_pipeline_2proc"] = c["files_per_s"] / d["files_per_s"]
+            if b.get("main_stage_s") and d.get("main_stage_s"):
+                ratio["pipeline_2proc_over_1proc_main_stage"] = b["main_stage_s"] / d["main_stage_s"]
+            if b.get("cpu_workers_s"):
+                ratio["cpu_workers_p1x2_over_p1"] = d["cpu_workers_s"] / b["cpu_workers_s"]
         out["marginal"] = marg
         out["ratios"] = ratio
         targets = {
@@ -749,10 +842,11 @@ def report(doc: dict) -> str:
     rows = res["rows"]
     label = {"baseline": "a) bare pydicom loop", "baseline2": "a2) bare loop, 2 processes", "p1": "b) pipeline, 1 worker",
              "p2": "c) pipeline, 2 workers", "p1_tiny": "b) pipeline, 1 worker (tiny)",
-             "p2_tiny": "c) pipeline, 2 workers (tiny)", "p1_500": "b) pipeline, 1 worker (500)"}
+             "p2_tiny": "c) pipeline, 2 workers (tiny)", "p1_500": "b) pipeline, 1 worker (500)",
+             "p1x2": "d) two 1-worker pipelines at once"}
     lines = ["| run | files | input MB | wall s | files/s | MB/s | peak tree RSS MB | peak tree PSS MB "
              "| max proc RSS MB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name in ("baseline", "baseline2", "p1", "p2", "p1_tiny", "p2_tiny", "p1_500"):
+    for name in ("baseline", "baseline2", "p1", "p2", "p1x2", "p1_tiny", "p2_tiny", "p1_500"):
         if name not in rows:
             continue
         r = rows[name]
@@ -761,7 +855,7 @@ def report(doc: dict) -> str:
                      f"{r['peak_tree_pss_mb']:.0f} | {r['max_process_rss_mb']:.0f} |")
     lines += ["", "| run | CPU s (tree) | CPU s main / workers | CPU ms/file | CPUs used | other load (CPUs) "
               "| peak main RSS MB | peak workers RSS MB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name in ("baseline", "baseline2", "p1", "p2", "p1_tiny", "p2_tiny", "p1_500"):
+    for name in ("baseline", "baseline2", "p1", "p2", "p1x2", "p1_tiny", "p2_tiny", "p1_500"):
         if name not in rows:
             continue
         r = rows[name]
