@@ -14,7 +14,7 @@ are per run), with the runs interleaved to spread machine drift across them:
     p2_tiny    dicom-deid run, 2 workers, 10 files  (fixed start-up cost of p2)
     p1_500     dicom-deid run, 1 worker, 500 files  (memory flatness vs p1)
     p1x2       two whole ``dicom-deid run``s of 1 worker at once, over the even and the odd
-               files (the halves of p2's split): what this machine gives two independent
+               files (each half the work of one of p2's workers): what this machine gives two independent
                pipelines, so whether two workers in one run lose anything that two separate
                runs do not
 
@@ -308,15 +308,11 @@ def corpus(n_files: int, share: float, patients: int, seed: int) -> tuple[Path, 
     return root, meta
 
 
-def subset(root: Path, m: int) -> tuple[Path, int, int]:
-    """A directory of ``m`` hard links taking every k-th file of ``root`` (cached)."""
-    files = sorted(root.rglob("*.dcm"))
-    if m >= len(files):
-        return root, len(files), sum(f.stat().st_size for f in files)
-    dest = WORK / f"{root.name}-subset{m}"
-    picked = [files[(i * len(files)) // m] for i in range(m)]
+def linked(root: Path, dest: Path, picked: list[Path]) -> Path:
+    """``dest`` as a tree of hard links (copies where linking fails) to ``picked``, files
+    of ``root`` at the same relative paths; kept when it already holds as many files."""
     have = sorted(dest.rglob("*.dcm")) if dest.exists() else []
-    if len(have) != m:
+    if len(have) != len(picked):
         shutil.rmtree(dest, ignore_errors=True)
         for f in picked:
             target = dest / f.relative_to(root)
@@ -325,29 +321,25 @@ def subset(root: Path, m: int) -> tuple[Path, int, int]:
                 os.link(f, target)
             except OSError:
                 shutil.copy2(f, target)
-    return dest, m, sum(f.stat().st_size for f in picked)
+    return dest
+
+
+def subset(root: Path, m: int) -> tuple[Path, int, int]:
+    """A directory of ``m`` hard links taking every k-th file of ``root`` (cached)."""
+    files = sorted(root.rglob("*.dcm"))
+    if m >= len(files):
+        return root, len(files), sum(f.stat().st_size for f in files)
+    picked = [files[(i * len(files)) // m] for i in range(m)]
+    return linked(root, WORK / f"{root.name}-subset{m}", picked), m, sum(f.stat().st_size for f in picked)
 
 
 def halves(root: Path) -> tuple[Path, Path]:
     """Two directories of hard links: the even and the odd files of ``root`` in sorted
-    order (cached), as the local runner splits the inputs between two workers."""
+    order (cached). An even split with the same mix of kinds, as each of the local runner's
+    two workers gets half of the (shuffled) inputs."""
     files = sorted(root.rglob("*.dcm"))
-    out = []
-    for k in range(2):
-        dest = WORK / f"{root.name}-half{k}"
-        picked = files[k::2]
-        have = sorted(dest.rglob("*.dcm")) if dest.exists() else []
-        if len(have) != len(picked):
-            shutil.rmtree(dest, ignore_errors=True)
-            for f in picked:
-                target = dest / f.relative_to(root)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    os.link(f, target)
-                except OSError:
-                    shutil.copy2(f, target)
-        out.append(dest)
-    return out[0], out[1]
+    return (linked(root, WORK / f"{root.name}-half0", files[0::2]),
+            linked(root, WORK / f"{root.name}-half1", files[1::2]))
 
 
 def warm_cache(root: Path) -> None:
