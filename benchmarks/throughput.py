@@ -5,8 +5,8 @@ One invocation measures, each run in its own subprocess (so start-up and peak me
 are per run), with the runs interleaved to spread machine drift across them:
 
     baseline   a bare pydicom loop: dcmread + save_as every file, one process
-    baseline2  the same loop on two processes at once, each over every other file (the
-               split the local runner makes for two workers): what this machine gives two
+    baseline2  the same loop on two processes at once, each over every other file (an even
+               split, as each of the local runner's two workers gets half): what this machine gives two
                perfectly independent processes, the ceiling for p2 / p1
     p1         dicom-deid run, 1 worker (basic policy), N files
     p2         dicom-deid run, 2 workers, N files
