@@ -25,7 +25,7 @@ see the same machine load, and reports medians of the per-round means (ms per ob
 the ratio new / old. Run it under the shared benchmark lock::
 
     git worktree add /tmp/engine-base <commit>
-    flock /tmp/dicom-deid-bench.lock /work/venv/bin/python benchmarks/engine_cpu.py \\
+    flock /tmp/dicom-deid-bench.lock .venv/bin/python benchmarks/engine_cpu.py \\
         --base /tmp/engine-base --out benchmarks/results/engine_cpu.json
 """
 

@@ -34,7 +34,7 @@ deltas from /proc); "other load" is the machine's busy CPU time minus both, per 
 
 Run it under the shared benchmark lock, so benchmarks never overlap::
 
-    flock /tmp/dicom-deid-bench.lock /work/venv/bin/python benchmarks/flink.py [--files 2000]
+    flock /tmp/dicom-deid-bench.lock .venv/bin/python benchmarks/flink.py [--files 2000]
         [--only local_w1,flink_s2,...] [--out benchmarks/results/flink.json]
 
 Compare runs of one invocation (ratios), never timings across invocations: the machine is

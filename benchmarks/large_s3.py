@@ -6,7 +6,7 @@ run's process tree (same sampler as storage.py). Reuses storage.py's object (run
 
 Usage::
 
-    flock /tmp/dicom-deid-bench.lock /work/venv/bin/python benchmarks/large_s3.py
+    flock /tmp/dicom-deid-bench.lock .venv/bin/python benchmarks/large_s3.py
 """
 import json, os, sys, time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

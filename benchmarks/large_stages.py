@@ -7,7 +7,7 @@ large-object path too (in-memory serialise + write_bytes), for comparisons: run 
 
 Usage::
 
-    flock /tmp/dicom-deid-bench.lock /work/venv/bin/python benchmarks/large_stages.py OBJECT TMP_DIR OUT_DIR
+    flock /tmp/dicom-deid-bench.lock .venv/bin/python benchmarks/large_stages.py OBJECT TMP_DIR OUT_DIR
 
 Prints one JSON line; ``peak_mb`` is the process's ru_maxrss after each step.
 """

@@ -4,7 +4,7 @@ launcher's and the SDK workers' RSS before and after, the bytes the runner holds
 stages (queued stage inputs, side-input state) and, with ``--trace``, the launcher's
 tracemalloc growth by source line after each stage.
 
-    /work/venv/bin/python benchmarks/memprobe.py --files-dir DIR --out JSON [--trace] [-- run args]
+    .venv/bin/python benchmarks/memprobe.py --files-dir DIR --out JSON [--trace] [-- run args]
 
 Diagnostics only: nothing identifying is printed (stage names, sizes and source lines).
 """

@@ -1,6 +1,6 @@
 """Benchmark: cost of the header scan and pseudonym-map building relative to the whole run.
 
-    flock /tmp/dicom-deid-bench.lock /work/venv/bin/python benchmarks/pseudonyms.py \\
+    flock /tmp/dicom-deid-bench.lock .venv/bin/python benchmarks/pseudonyms.py \\
         [--objects 10000] [--patients 1000] [--store 100000] [--workers 2] [--repeats 1]
 
 1. makes ``--objects`` small synthetic objects of ``--patients`` patients (clones of

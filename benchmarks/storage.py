@@ -26,7 +26,7 @@ FnApiRunner multi-processing on all cores), so the numbers compare within one ru
 
 Usage::
 
-    /work/venv/bin/python benchmarks/storage.py [--files 2000] [--names 100000] [--large-mb 1024]
+    .venv/bin/python benchmarks/storage.py [--files 2000] [--names 100000] [--large-mb 1024]
         [--out benchmarks/results/storage.json]
 
 Writes the JSON and a Markdown table (same name, .md). Timings on a shared 2-core machine

@@ -17,7 +17,7 @@ untimed first to warm imports and caches.
 
 Usage::
 
-    /work/venv/bin/python benchmarks/tag_cost.py [--objects 500] [--out benchmarks/results/tag_cost.json]
+    .venv/bin/python benchmarks/tag_cost.py [--objects 500] [--out benchmarks/results/tag_cost.json]
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ run) is recorded as a cross-check.
 
 Usage::
 
-    /work/venv/bin/python benchmarks/throughput.py [--files 2000] [--repeats 1]
+    .venv/bin/python benchmarks/throughput.py [--files 2000] [--repeats 1]
         [--out benchmarks/results/throughput.json]
 
 Timings on a shared machine are noisy: compare runs of one invocation (ratios), never
