@@ -37,10 +37,11 @@ def quarantine(run: manifest.RunInfo, obj: DicomObject, stage: str, reason: str,
     return beam.pvalue.TaggedOutput(OUTCOME, out)
 
 
-def fail(run: manifest.RunInfo, ref, stage: str, exc: BaseException, obj: Optional[DicomObject] = None,
-         module: str = "pipeline") -> Iterator:
-    """Route a permanent failure: a private dead letter plus a public ``failed`` row."""
-    dl = DeadLetter.of(ref, stage, exc)
+def fail(run: manifest.RunInfo, ref, stage: str, exc: Optional[BaseException], obj: Optional[DicomObject] = None,
+         module: str = "pipeline", dead_letter: Optional[DeadLetter] = None) -> Iterator:
+    """Route a permanent failure: a private dead letter plus a public ``failed`` row.
+    ``dead_letter``, when given, is used as it is (a failure recorded by an earlier attempt)."""
+    dl = dead_letter or DeadLetter.of(ref, stage, exc)
     counter(module, "dead_letters").inc()
     fields = {}
     if obj is not None:

@@ -22,7 +22,10 @@
    output already present from an earlier run with identical bytes is left as it is
    (``ok``); with other bytes the new one is ``quarantined`` (``sop_uid_conflict``), never
    overwritten. A record file that cannot be read fails the bundle (the runner retries it;
-   a lost record is never skipped).
+   a lost record is never skipped). An input that fails permanently in the commit leaves
+   ``{staging}/{input_key}.failed`` (its error class and fixed description, no value)
+   before its staged object is removed, so a retry of the bundle reports that first failure,
+   not the staged object it no longer finds.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from apache_beam.transforms.window import GlobalWindows
 
 from .. import manifest, storage, writer
 from ..element import DUPLICATE, OK, QUARANTINED, Outcome
-from ..errors import StorageError
+from ..errors import DeadLetter, StorageError
 from .common import DEAD_LETTER, MAIN, OUTCOME, TRANSIENT, BundleLocalFile, ObjectStageFn, counter, fail
 from .sinks import LocalPart
 
@@ -246,11 +249,11 @@ class _CommitFn(beam.DoFn):
             for rec in records:
                 yield from self._failed(rec, exc)
             return
-        winner_failed = None
+        winner_failed = None  # (exception, recorded dead letter or None)
         for i, rec in enumerate(records):
             row = dict(rec["row"])
             if winner_failed is not None:  # nothing was published to be a duplicate of
-                yield from self._failed(rec, winner_failed)
+                yield from self._failed(rec, *winner_failed)
                 continue
             try:
                 if i == 0:
@@ -272,9 +275,12 @@ class _CommitFn(beam.DoFn):
             except TRANSIENT:
                 raise
             except Exception as exc:
+                # an earlier attempt of this bundle may have failed this input and removed
+                # its staged object: report that first failure, not the missing object
+                recorded = self._recorded_failure(rec)
                 if i == 0:
-                    winner_failed = exc
-                yield from self._failed(rec, exc)
+                    winner_failed = (exc, recorded)
+                yield from self._failed(rec, exc, recorded)
                 continue
             if status != OK:
                 row["output_path"] = None
@@ -283,11 +289,40 @@ class _CommitFn(beam.DoFn):
             yield Outcome(manifest.row(self._run, rec["input_key"], status,
                                        **{k: v for k, v in row.items() if k not in _ROW_FIXED}), {})
 
-    def _failed(self, rec, exc):
-        """A permanent failure of one input in the commit: its row and its dead letter."""
+    def _failed(self, rec, exc, recorded=None):
+        """A permanent failure of one input in the commit: its row and its dead letter. The
+        failure is recorded beside the staged object before that is removed. A transient
+        error writing that record fails the bundle (it runs again with the object still
+        there); a permanent one (the storage that failed the input may refuse this too)
+        leaves the failure unrecorded, which only matters if the bundle runs again."""
+        ref = _Ref(rec["input_key"])
+        dl = recorded or DeadLetter.of(ref, "write", exc)
+        if recorded is None:
+            try:
+                storage.write_bytes(self._marker(rec), json.dumps(
+                    {"error_class": dl.error_class, "description": dl.description}).encode())
+            except TRANSIENT:
+                raise
+            except Exception:
+                pass
         discard(rec["staged"])
-        for out in fail(self._run, _Ref(rec["input_key"]), "write", exc, module="write"):
+        for out in fail(self._run, ref, "write", exc, module="write", dead_letter=dl):
             yield out.value if out.tag == OUTCOME else out
+
+    def _marker(self, rec) -> str:
+        return f"{self._run.staging_dir()}/{rec['input_key']}.failed"
+
+    def _recorded_failure(self, rec):
+        """The dead letter an earlier attempt recorded for this input, if any."""
+        try:
+            data = json.loads(b"".join(storage.iter_chunks(self._marker(rec))))
+        except TRANSIENT:
+            raise
+        except Exception:  # none recorded (the usual case), or unreadable: this failure stands
+            return None
+        ref = _Ref(rec["input_key"])
+        return DeadLetter(input_key=ref.input_key, input_uri=ref.uri, stage="write",
+                          error_class=str(data["error_class"]), description=str(data["description"]))
 
 
 _ROW_FIXED = {"schema_version", "run_id", "timestamp", "input_key", "status", "policy_name",

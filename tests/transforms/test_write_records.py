@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import types
 
@@ -182,3 +183,85 @@ def test_a_failed_spill_write_fails_the_bundle_not_one_input(tmp_path, monkeypat
         list(fn.process(_Obj(i)))
     named = [wv.value for wv in fn.finish_bundle()]
     assert sorted(k for _, uri in named for _, k, _ in write.read_records(uri)) == [f"k{i:03d}" for i in range(4)]
+
+
+def test_a_retried_commit_reports_the_first_failure_not_the_object_it_removed(tmp_path, monkeypatch):
+    """A permanent failure, then a transient one later in the bundle: the runner runs the
+    bundle again, and the input that failed first fails with its first error class, not as
+    a staged object that is no longer there."""
+    run = _run(tmp_path)
+    first, second = _sop(20), _sop(21)  # committed in this order (groups go by SOP UID)
+    spill = write._RecordSpill()
+    finals = {}
+    for i, sop in ((20, first), (21, second)):
+        finals[sop] = f"{run.output}/P/1/2/{sop}.dcm"
+        spill.add(sop, f"k{i}", {**_stage(run, f"k{i}", b"bytes %d" % i), "output_path": finals[sop]})
+    files = [uri for _, uri in spill.publish(f"{run.staging_dir()}/records")]
+    real = write.publish
+    calls = []
+
+    def flaky(staged, final):
+        calls.append(final)
+        if len(calls) == 1:
+            raise PermissionError(13, "Permission denied", "/in/JOHN^DOE")  # permanent
+        if len(calls) == 2:
+            raise ConnectionError("reset")  # transient: the bundle fails and runs again
+        return real(staged, final)
+
+    monkeypatch.setattr(write, "publish", flaky)
+    fn = write._CommitFn(run)
+    fn.setup()
+    element = (0, files)
+    with pytest.raises(ConnectionError):
+        list(fn.process(element))
+    out = list(fn.process(element))  # the retry
+    rows = {o.row["input_key"]: o.row for o in out if not hasattr(o, "tag")}
+    dead = [o.value for o in out if getattr(o, "tag", None) == write.DEAD_LETTER]
+    failed_key = next(k for k, r in rows.items() if r["status"] == "failed")
+    ok_key = next(k for k, r in rows.items() if r["status"] == "ok")
+    assert rows[failed_key]["error_class"] == "PermissionError"  # not FileNotFoundError
+    assert [(d.input_key, d.error_class) for d in dead] == [(failed_key, "PermissionError")]
+    assert dead[0].description == rows[failed_key]["reason"]
+    assert os.path.exists(storage.local_path(rows[ok_key]["output_path"]))
+    marker = f"{run.staging_dir()}/{failed_key}.failed"
+    text = open(storage.local_path(marker)).read()
+    assert json.loads(text) == {"error_class": "PermissionError", "description": dead[0].description}
+    assert "JOHN" not in text  # the exception's message (it named a path) is not recorded
+
+
+def test_a_failure_without_an_earlier_attempt_is_its_own(tmp_path):
+    run = _run(tmp_path)
+    final = f"{run.output}/P/1/2/{_sop(30)}.dcm"
+    spill = write._RecordSpill()
+    spill.add(_sop(30), "k30", {**_stage(run, "k30", b"x"), "output_path": final})
+    files = [uri for _, uri in spill.publish(f"{run.staging_dir()}/records")]
+    os.remove(storage.local_path(f"{run.staging_dir()}/k30.dcm"))  # staged object lost, no record
+    fn = write._CommitFn(run)
+    fn.setup()
+    out = list(fn.process((write.shard_of(_sop(30)), files)))
+    dead = [o.value for o in out if getattr(o, "tag", None) == write.DEAD_LETTER]
+    assert [d.error_class for d in dead] == ["FileNotFoundError"]
+
+
+def test_a_failure_that_cannot_be_recorded_is_still_a_row_and_a_dead_letter(tmp_path, monkeypatch):
+    run = _run(tmp_path)
+    final = f"{run.output}/P/1/2/{_sop(40)}.dcm"
+    os.makedirs(storage.local_path(final))  # a folder where the output goes: publish fails
+    spill = write._RecordSpill()
+    spill.add(_sop(40), "k40", {**_stage(run, "k40", b"x"), "output_path": final})
+    files = [uri for _, uri in spill.publish(f"{run.staging_dir()}/records")]
+    real = storage.write_bytes
+
+    def refuse_markers(uri, data, **kw):
+        if uri.endswith(".failed"):
+            raise PermissionError(13, "Permission denied")
+        return real(uri, data, **kw)
+
+    monkeypatch.setattr(storage, "write_bytes", refuse_markers)
+    fn = write._CommitFn(run)
+    fn.setup()
+    out = list(fn.process((write.shard_of(_sop(40)), files)))
+    rows = [o.row for o in out if not hasattr(o, "tag")]
+    dead = [o.value for o in out if getattr(o, "tag", None) == write.DEAD_LETTER]
+    assert [r["status"] for r in rows] == ["failed"] and len(dead) == 1
+    assert not os.path.exists(storage.local_path(f"{run.staging_dir()}/k40.failed"))
