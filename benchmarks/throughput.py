@@ -412,7 +412,7 @@ def pipeline2_child(base: str, key: str, half0: str, half1: str) -> int:
     procs = [subprocess.Popen(pipeline_cmd(Path(src), Path(base), Path(key), 1, str(k)))
              for k, src in enumerate((half0, half1))]
     codes = [p.wait() for p in procs]
-    return max(codes)
+    return next((c for c in codes if c), 0)  # a run killed by a signal has a negative code
 
 
 def source_digest() -> str:

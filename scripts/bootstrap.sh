@@ -9,7 +9,9 @@ VENV="${DICOM_DEID_VENV:-.venv}"
 PY="${PYTHON:-python3}"
 LOG="$VENV/install.log"
 
+LOG_STARTED=""
 quietly() {  # run an install step with its output in $LOG; on failure show the log's end
+  if [ -z "$LOG_STARTED" ]; then : > "$LOG"; LOG_STARTED=1; fi  # one log per bootstrap that installs
   if ! "$@" >>"$LOG" 2>&1; then
     echo "bootstrap: failed: $*" >&2
     echo "bootstrap: last lines of $LOG:" >&2

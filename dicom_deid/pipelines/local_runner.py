@@ -8,12 +8,19 @@ interpreter finalisation (see :mod:`dicom_deid.worker` for why and what it keeps
 else changes: the stages, the fusion, the bundles, the worker count and the options the
 workers receive are the FnApiRunner's. An environment with any other command (a user's own
 ``--environment_config``, a future Beam default) is left as it is.
+
+The workers import the ``dicom_deid`` the launcher imported. Where that came from a folder
+a new interpreter would not search (a checkout that is not installed, found through the
+launcher's script folder or a ``sys.path`` entry), the command puts that folder on the
+workers' ``PYTHONPATH``. Without it such a worker could not even start: Beam only logs a
+worker process that exits early, and the run would wait for it for ever.
 """
 
 from __future__ import annotations
 
 import os
 import shlex
+import site
 import sys
 
 from apache_beam.portability import python_urns
@@ -27,10 +34,30 @@ def beam_worker_command() -> str:
     return "%s -m apache_beam.runners.worker.sdk_worker_main" % sys.executable
 
 
+def package_root() -> str:
+    """The folder the launcher imported ``dicom_deid`` from."""
+    import dicom_deid
+    return os.path.dirname(os.path.dirname(os.path.abspath(dicom_deid.__file__)))
+
+
+def _searched_anyway(folder: str) -> bool:
+    """Whether a new interpreter of this Python searches ``folder`` without being told."""
+    user = site.getusersitepackages() if site.ENABLE_USER_SITE else None
+    default = {os.path.realpath(p) for p in [*site.getsitepackages(), user] if p}
+    return os.path.realpath(folder) in default
+
+
 def worker_command() -> str:
-    # Beam runs it with shell=True: quoted for a POSIX shell (Beam's own is not quoted at all)
-    exe = shlex.quote(sys.executable) if os.name == "posix" else sys.executable
-    return f"{exe} -m {WORKER_MODULE}"
+    if os.name != "posix":
+        return f"{sys.executable} -m {WORKER_MODULE}"
+    # Beam runs it with shell=True: quoted for a POSIX shell (Beam's own is not quoted at all);
+    # exec, so the process Beam waits for (and would kill) is the worker, not a shell over it
+    cmd = f"exec {shlex.quote(sys.executable)} -m {WORKER_MODULE}"
+    root = package_root()
+    if _searched_anyway(root) or os.pathsep in root:
+        return cmd
+    return f'export PYTHONPATH={shlex.quote(root)}"${{PYTHONPATH:+{os.pathsep}$PYTHONPATH}}"; {cmd}'
+
 
 
 def use_own_workers(pipeline_proto) -> int:

@@ -34,6 +34,7 @@ import json
 import os
 import uuid
 import zlib
+from typing import Optional
 
 import apache_beam as beam
 from apache_beam.transforms.window import GlobalWindows
@@ -124,8 +125,10 @@ def publish(staged: str, final: str) -> None:
 def discard(staged: str) -> None:
     try:
         storage.delete(staged)
-    except OSError:
-        pass  # a leftover staged file never affects published outputs
+    except TRANSIENT:
+        raise  # retried already: the bundle runs again
+    except Exception:  # noqa: BLE001 - refused or denied: a leftover staged file never
+        pass  # affects published outputs, and goes with the staging prefix
 
 
 class WriteDicom(beam.PTransform):
@@ -249,7 +252,7 @@ class _CommitFn(beam.DoFn):
             for rec in records:
                 yield from self._failed(rec, exc)
             return
-        winner_failed = None  # (exception, recorded dead letter or None)
+        winner_failed = None  # (exception, recorded (error class, description) or None)
         for i, rec in enumerate(records):
             row = dict(rec["row"])
             if winner_failed is not None:  # nothing was published to be a duplicate of
@@ -289,21 +292,24 @@ class _CommitFn(beam.DoFn):
             yield Outcome(manifest.row(self._run, rec["input_key"], status,
                                        **{k: v for k, v in row.items() if k not in _ROW_FIXED}), {})
 
-    def _failed(self, rec, exc, recorded=None):
+    def _failed(self, rec, exc, recorded: Optional[tuple] = None):
         """A permanent failure of one input in the commit: its row and its dead letter. The
         failure is recorded beside the staged object before that is removed. A transient
         error writing that record fails the bundle (it runs again with the object still
         there); a permanent one (the storage that failed the input may refuse this too)
         leaves the failure unrecorded, which only matters if the bundle runs again."""
         ref = _Ref(rec["input_key"])
-        dl = recorded or DeadLetter.of(ref, "write", exc)
-        if recorded is None:
+        if recorded is not None:  # this input's or its group's winner's first failure
+            dl = DeadLetter(input_key=ref.input_key, input_uri=ref.uri, stage="write",
+                            error_class=recorded[0], description=recorded[1])
+        else:
+            dl = DeadLetter.of(ref, "write", exc)
             try:
                 storage.write_bytes(self._marker(rec), json.dumps(
                     {"error_class": dl.error_class, "description": dl.description}).encode())
             except TRANSIENT:
                 raise
-            except Exception:
+            except Exception:  # noqa: BLE001 - unrecorded: only a retry would miss it
                 pass
         discard(rec["staged"])
         for out in fail(self._run, ref, "write", exc, module="write", dead_letter=dl):
@@ -312,17 +318,16 @@ class _CommitFn(beam.DoFn):
     def _marker(self, rec) -> str:
         return f"{self._run.staging_dir()}/{rec['input_key']}.failed"
 
-    def _recorded_failure(self, rec):
-        """The dead letter an earlier attempt recorded for this input, if any."""
+    def _recorded_failure(self, rec) -> Optional[tuple]:
+        """``(error class, description)`` an earlier attempt recorded for this input, if any."""
         try:
             data = json.loads(b"".join(storage.iter_chunks(self._marker(rec))))
+            recorded = (data["error_class"], data["description"])
         except TRANSIENT:
             raise
-        except Exception:  # none recorded (the usual case), or unreadable: this failure stands
-            return None
-        ref = _Ref(rec["input_key"])
-        return DeadLetter(input_key=ref.input_key, input_uri=ref.uri, stage="write",
-                          error_class=str(data["error_class"]), description=str(data["description"]))
+        except Exception:  # noqa: BLE001 - none recorded (the usual case), or unreadable:
+            return None  # this failure stands
+        return recorded if all(isinstance(v, str) for v in recorded) else None
 
 
 _ROW_FIXED = {"schema_version", "run_id", "timestamp", "input_key", "status", "policy_name",

@@ -131,3 +131,48 @@ def test_worker_logging_errors_on_stderr_beams_inapplicable_lines_dropped():
     assert r.returncode == 0
     assert r.stderr.splitlines() == ["ERROR some.module: an error line",
                                      "ERROR apache_beam.runners.worker.sdk_worker_main: harness error"]
+
+
+def test_workers_import_the_dicom_deid_the_launcher_imported(tmp_path):
+    """A launcher that found the package through a folder new interpreters do not search
+    (here a copy put on ``sys.path`` by hand) gets workers that import that same copy."""
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(Path(REPO) / "dicom_deid", copy / "dicom_deid",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = "\n".join([
+        "import sys",
+        f"sys.path.insert(0, {str(copy)!r})",
+        "import apache_beam as beam",
+        "from apache_beam.options.pipeline_options import PipelineOptions",
+        "import dicom_deid",
+        "from dicom_deid.pipelines import local_runner",
+        "assert dicom_deid.__file__.startswith(sys.path[0]), dicom_deid.__file__",
+        "cmd = local_runner.worker_command()",
+        "assert cmd.startswith('export PYTHONPATH=') and 'exec ' in cmd, cmd",
+        "opts = PipelineOptions(['--direct_num_workers=1', '--direct_running_mode=multi_processing'])",
+        "p = beam.Pipeline(runner=local_runner.LocalRunner(), options=opts)",
+        "seen = []",
+        "(p | beam.Create([0]) | beam.Map(lambda _: (__import__('sys').modules['dicom_deid'].__file__,",
+        "                                             __import__('sys').modules['__main__'].__spec__.name))",
+        "   | beam.Map(lambda v: print('WORKER', *v, flush=True)))",
+        "p.run().wait_until_finish()",
+    ])
+    r = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True,
+                       text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [line.split() for line in (r.stdout + r.stderr).splitlines() if line.startswith("WORKER ")]
+    assert lines == [["WORKER", str(copy / "dicom_deid" / "__init__.py"), "dicom_deid.worker"]]
+
+
+def test_an_installed_package_needs_no_path():
+    r = _python("import site",
+                "from dicom_deid.pipelines import local_runner",
+                "root = local_runner.package_root()",
+                "site.getsitepackages = lambda: [root]",
+                "print(local_runner.worker_command())")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"exec {sys.executable} -m dicom_deid.worker"

@@ -185,18 +185,35 @@ def test_a_failed_spill_write_fails_the_bundle_not_one_input(tmp_path, monkeypat
     assert sorted(k for _, uri in named for _, k, _ in write.read_records(uri)) == [f"k{i:03d}" for i in range(4)]
 
 
+def _records(run, *entries) -> list:
+    """Stage each ``(i, sop, data)`` as input ``k{i}`` and spill its record; the record files."""
+    spill = write._RecordSpill()
+    for i, sop, data in entries:
+        spill.add(sop, f"k{i}", {**_stage(run, f"k{i}", data), "output_path": f"{run.output}/P/1/2/{sop}.dcm"})
+    return [uri for _, uri in spill.publish(f"{run.staging_dir()}/records")]
+
+
+def _commit(fn, files) -> tuple[dict, list]:
+    """One commit bundle: its rows by input key, and its dead letters."""
+    out = list(fn.process((0, files)))
+    return ({o.row["input_key"]: o.row for o in out if not hasattr(o, "tag")},
+            [o.value for o in out if getattr(o, "tag", None) == write.DEAD_LETTER])
+
+
+def _commit_fn(run):
+    fn = write._CommitFn(run)
+    fn.setup()
+    return fn
+
+
 def test_a_retried_commit_reports_the_first_failure_not_the_object_it_removed(tmp_path, monkeypatch):
     """A permanent failure, then a transient one later in the bundle: the runner runs the
-    bundle again, and the input that failed first fails with its first error class, not as
-    a staged object that is no longer there."""
+    bundle again, and the inputs that failed first fail with that first error class, not as
+    staged objects that are no longer there."""
     run = _run(tmp_path)
-    first, second = _sop(20), _sop(21)  # committed in this order (groups go by SOP UID)
-    spill = write._RecordSpill()
-    finals = {}
-    for i, sop in ((20, first), (21, second)):
-        finals[sop] = f"{run.output}/P/1/2/{sop}.dcm"
-        spill.add(sop, f"k{i}", {**_stage(run, f"k{i}", b"bytes %d" % i), "output_path": finals[sop]})
-    files = [uri for _, uri in spill.publish(f"{run.staging_dir()}/records")]
+    # k20 and k22 share a SOP UID (k22 fails with its group's winner, k20); k21 is alone and
+    # is committed after them (groups go by SOP UID)
+    files = _records(run, (20, _sop(20), b"bytes 20"), (22, _sop(20), b"bytes 22"), (21, _sop(21), b"bytes 21"))
     real = write.publish
     calls = []
 
@@ -209,47 +226,34 @@ def test_a_retried_commit_reports_the_first_failure_not_the_object_it_removed(tm
         return real(staged, final)
 
     monkeypatch.setattr(write, "publish", flaky)
-    fn = write._CommitFn(run)
-    fn.setup()
-    element = (0, files)
+    fn = _commit_fn(run)
     with pytest.raises(ConnectionError):
-        list(fn.process(element))
-    out = list(fn.process(element))  # the retry
-    rows = {o.row["input_key"]: o.row for o in out if not hasattr(o, "tag")}
-    dead = [o.value for o in out if getattr(o, "tag", None) == write.DEAD_LETTER]
-    failed_key = next(k for k, r in rows.items() if r["status"] == "failed")
-    ok_key = next(k for k, r in rows.items() if r["status"] == "ok")
-    assert rows[failed_key]["error_class"] == "PermissionError"  # not FileNotFoundError
-    assert [(d.input_key, d.error_class) for d in dead] == [(failed_key, "PermissionError")]
-    assert dead[0].description == rows[failed_key]["reason"]
-    assert os.path.exists(storage.local_path(rows[ok_key]["output_path"]))
-    marker = f"{run.staging_dir()}/{failed_key}.failed"
-    text = open(storage.local_path(marker)).read()
+        _commit(fn, files)
+    rows, dead = _commit(fn, files)  # the retry
+    assert {k: r["status"] for k, r in rows.items()} == {"k20": "failed", "k22": "failed", "k21": "ok"}
+    assert rows["k20"]["error_class"] == "PermissionError"  # not FileNotFoundError
+    # one dead letter per input, each under its own key, matching the rows
+    assert sorted((d.input_key, d.error_class) for d in dead) == [
+        ("k20", "PermissionError"), ("k22", "PermissionError")]
+    assert all(d.description == rows[d.input_key]["reason"] for d in dead)
+    assert os.path.exists(storage.local_path(rows["k21"]["output_path"]))
+    text = open(storage.local_path(f"{run.staging_dir()}/k20.failed")).read()
     assert json.loads(text) == {"error_class": "PermissionError", "description": dead[0].description}
     assert "JOHN" not in text  # the exception's message (it named a path) is not recorded
 
 
 def test_a_failure_without_an_earlier_attempt_is_its_own(tmp_path):
     run = _run(tmp_path)
-    final = f"{run.output}/P/1/2/{_sop(30)}.dcm"
-    spill = write._RecordSpill()
-    spill.add(_sop(30), "k30", {**_stage(run, "k30", b"x"), "output_path": final})
-    files = [uri for _, uri in spill.publish(f"{run.staging_dir()}/records")]
+    files = _records(run, (30, _sop(30), b"x"))
     os.remove(storage.local_path(f"{run.staging_dir()}/k30.dcm"))  # staged object lost, no record
-    fn = write._CommitFn(run)
-    fn.setup()
-    out = list(fn.process((write.shard_of(_sop(30)), files)))
-    dead = [o.value for o in out if getattr(o, "tag", None) == write.DEAD_LETTER]
+    _rows, dead = _commit(_commit_fn(run), files)
     assert [d.error_class for d in dead] == ["FileNotFoundError"]
 
 
 def test_a_failure_that_cannot_be_recorded_is_still_a_row_and_a_dead_letter(tmp_path, monkeypatch):
     run = _run(tmp_path)
-    final = f"{run.output}/P/1/2/{_sop(40)}.dcm"
-    os.makedirs(storage.local_path(final))  # a folder where the output goes: publish fails
-    spill = write._RecordSpill()
-    spill.add(_sop(40), "k40", {**_stage(run, "k40", b"x"), "output_path": final})
-    files = [uri for _, uri in spill.publish(f"{run.staging_dir()}/records")]
+    files = _records(run, (40, _sop(40), b"x"))
+    os.makedirs(storage.local_path(f"{run.output}/P/1/2/{_sop(40)}.dcm"))  # publish fails
     real = storage.write_bytes
 
     def refuse_markers(uri, data, **kw):
@@ -258,10 +262,30 @@ def test_a_failure_that_cannot_be_recorded_is_still_a_row_and_a_dead_letter(tmp_
         return real(uri, data, **kw)
 
     monkeypatch.setattr(storage, "write_bytes", refuse_markers)
-    fn = write._CommitFn(run)
-    fn.setup()
-    out = list(fn.process((write.shard_of(_sop(40)), files)))
-    rows = [o.row for o in out if not hasattr(o, "tag")]
-    dead = [o.value for o in out if getattr(o, "tag", None) == write.DEAD_LETTER]
-    assert [r["status"] for r in rows] == ["failed"] and len(dead) == 1
+    rows, dead = _commit(_commit_fn(run), files)
+    assert [r["status"] for r in rows.values()] == ["failed"] and len(dead) == 1
     assert not os.path.exists(storage.local_path(f"{run.staging_dir()}/k40.failed"))
+
+
+def test_a_malformed_failure_record_leaves_this_failure_standing(tmp_path):
+    run = _run(tmp_path)
+    files = _records(run, (50, _sop(50), b"x"))
+    os.remove(storage.local_path(f"{run.staging_dir()}/k50.dcm"))
+    fn = _commit_fn(run)
+    for bad in (b"[1, 2]", b'{"error_class": 7, "description": "x"}', b"{}", b"not json"):
+        storage.write_bytes(f"{run.staging_dir()}/k50.failed", bad)
+        _rows, dead = _commit(fn, files)
+        assert [d.error_class for d in dead] == ["FileNotFoundError"], bad
+
+
+def test_a_refused_discard_is_no_failure(tmp_path, monkeypatch):
+    from dicom_deid.storage import AccessDenied
+    run = _run(tmp_path)
+    files = _records(run, (60, _sop(60), b"same"), (61, _sop(60), b"same"))
+
+    def refused(uri, **kw):
+        raise AccessDenied()
+
+    monkeypatch.setattr(storage, "delete", refused)
+    rows, _dead = _commit(_commit_fn(run), files)
+    assert {k: r["status"] for k, r in rows.items()} == {"k60": "ok", "k61": "duplicate"}
