@@ -59,7 +59,6 @@ def worker_command() -> str:
     return f'export PYTHONPATH={shlex.quote(root)}"${{PYTHONPATH:+{os.pathsep}$PYTHONPATH}}"; {cmd}'
 
 
-
 def use_own_workers(pipeline_proto) -> int:
     """Point the FnApiRunner's default worker command at :data:`WORKER_MODULE`, in place;
     return how many environments were changed."""

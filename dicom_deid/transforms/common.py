@@ -37,7 +37,7 @@ def quarantine(run: manifest.RunInfo, obj: DicomObject, stage: str, reason: str,
     return beam.pvalue.TaggedOutput(OUTCOME, out)
 
 
-def fail(run: manifest.RunInfo, ref, stage: str, exc: Optional[BaseException], obj: Optional[DicomObject] = None,
+def fail(run: manifest.RunInfo, ref, stage: str, exc: BaseException, obj: Optional[DicomObject] = None,
          module: str = "pipeline", dead_letter: Optional[DeadLetter] = None) -> Iterator:
     """Route a permanent failure: a private dead letter plus a public ``failed`` row.
     ``dead_letter``, when given, is used as it is (a failure recorded by an earlier attempt)."""
